@@ -1,0 +1,146 @@
+"""The command line: a thin layer over the Python API. Errors are one line on stderr unless --debug."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .errors import StreamPruneError
+from .memory import human_bytes
+
+
+def _errors(fn):
+    @wraps(fn)
+    def wrapper(*args, debug=False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StreamPruneError as e:
+            if debug:
+                raise
+            click.echo(f"streamprune: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("streamprune: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - an unexpected failure still gets one line without --debug
+            if debug:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"streamprune: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+                       err=True)
+            sys.exit(1)
+    return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="streamprune")
+def main():
+    """Prune large language models with Wanda, one decoder block in memory at a time."""
+
+
+def _print_summary(s: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(s, indent=2, default=str))
+        return
+    worst = s.get("worst_block") or {}
+    ph = s.get("phase_seconds", {})
+    lines = [
+        f"pruned {s['model']} -> {s['out']}",
+        f"  method {s['method']} {s['structure']}, target sparsity {s['target_sparsity']}",
+        f"  blocks {s['blocks_committed']}/{s['blocks']}, achieved sparsity {s['sparsity']:.4f} "
+        f"(worst block {worst.get('index')}: {worst.get('sparsity', 0):.4f})",
+        f"  device {s['device']} ({s['compute_dtype']}), activations {s['activations']}, "
+        f"{s['nsamples']} x {s['seqlen']} calibration tokens",
+        f"  wall time {s['wall_seconds']:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()) + ")",
+        f"  peak host memory {human_bytes(s['peak_rss_bytes'])} (anonymous {human_bytes(s['peak_anon_bytes'])}, "
+        f"file-backed {human_bytes(s['peak_file_backed_bytes'])}), peak GPU memory {human_bytes(s.get('peak_gpu_bytes'))}",
+    ]
+    click.echo("\n".join(lines))
+
+
+PRUNE_OPTIONS = [
+    click.option("--sparsity", type=float, default=0.5, show_default=True, help="Fraction of weights to zero (unstructured)."),
+    click.option("--structure", default="unstructured", show_default=True, help="'unstructured' or N:M, e.g. 2:4 or 4:8."),
+    click.option("--method", default="wanda", show_default=True, help="wanda, or magnitude (baseline, no calibration)."),
+    click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
+    click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
+    click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU]."),
+    click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per calibration forward."),
+    click.option("--activations", default="auto", show_default=True, help="Activation cache: auto, gpu, cpu or disk."),
+    click.option("--snapshot-every", type=int, default=8, show_default=True,
+                 help="Save the activations every K blocks so a resume needs little recomputation (0: never)."),
+    click.option("--overwrite", is_flag=True, help="Delete the contents of a non-empty OUT first."),
+    click.option("--restart", is_flag=True, help="Discard an existing job in OUT instead of resuming it."),
+    click.option("--no-overlap", "overlap", flag_value=False, default=True, help="Read and write blocks in the foreground."),
+    click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars."),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("out", type=click.Path())
+@_with(PRUNE_OPTIONS)
+@_errors
+def prune(model, out, as_json, **options):
+    """Prune the checkpoint in MODEL into OUT (resumes a matching job already in OUT)."""
+    from .pipeline import prune as run
+
+    _print_summary(run(model, out, **options), as_json)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars.")
+@_errors
+def resume(out, as_json, progress):
+    """Continue the interrupted job in OUT with the arguments it was started with."""
+    from .job import Job
+    from .pipeline import prune as run
+
+    if not Job.exists(Path(out)):
+        raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
+    options = dict(Job.load(Path(out)).data["options"])
+    model = options.pop("model")
+    options["progress"] = progress
+    _print_summary(run(model, out, **options), as_json)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_errors
+def status(out, as_json):
+    """Progress of the job in OUT: blocks done, sparsity so far, time spent and left."""
+    from .job import Job
+
+    if not Job.exists(Path(out)):
+        raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
+    st = Job.load(Path(out)).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    eta = "-" if st["eta_seconds"] is None else f"{st['eta_seconds']:.0f}s"
+    click.echo(f"{out}: {'complete' if st['complete'] else 'in progress'}, {st['blocks_done']}/{st['blocks_total']} blocks, "
+               f"sparsity so far {st['sparsity']:.4f}, time spent {st['seconds']:.0f}s, estimated time left {eta}"
+               + (f", activations saved after block {st['snapshot_after_block']}" if st["snapshot_after_block"] is not None else ""))
+
+
+if __name__ == "__main__":
+    main()

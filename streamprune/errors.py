@@ -1,0 +1,13 @@
+"""The one exception type the CLI turns into a single clear line on stderr."""
+
+
+class StreamPruneError(Exception):
+    """A problem with the user's input or environment; the message is the whole story."""
+
+    exit_code = 2
+
+
+class Interrupted(StreamPruneError):
+    """SIGINT/SIGTERM arrived; the job stopped at a safe point and can be resumed."""
+
+    exit_code = 130
