@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections import defaultdict
@@ -9,6 +10,19 @@ from contextlib import contextmanager
 
 import psutil
 import torch
+
+
+def return_freed_memory_to_os(threshold: int = 64 * 1024) -> None:
+    """Serve every allocation above `threshold` with its own mmap, so freeing a block's tensors gives the pages
+    back to the OS at once. glibc's default raises this threshold dynamically (up to 32 MiB) after the first
+    large free; block-sized tensors then come from the heap, which fragments and grows block after block
+    (measured: peak RSS +20% from 4 to 8 blocks of 38 MB; flat with this setting)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic adjustment
+        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD: trim the heap top eagerly too
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _vm_hwm() -> int | None:

@@ -24,7 +24,7 @@ from .activations import TIERS, make_store
 from .calibration import calibration_windows
 from .errors import Interrupted, StreamPruneError
 from .job import Job, diff
-from .memory import MemoryMonitor, Timers, human_bytes
+from .memory import MemoryMonitor, Timers, human_bytes, return_freed_memory_to_os
 from .model import (block_output, build_skeleton, capture, checkpoint_names, find_blocks, load_config, materialize,
                     release)
 from .plan import block_shape, itemsize, make_plan
@@ -147,6 +147,8 @@ class _Faults:
 
 class PruneJob:
     def __init__(self, model: str | os.PathLike, out: str | os.PathLike, opts: PruneOptions, log=None):
+        self.t0 = time.perf_counter()
+        return_freed_memory_to_os()
         self.model_dir, self.out, self.opts = Path(model), Path(out), opts
         self.log = log or (lambda msg: tqdm.write(msg, file=__import__("sys").stderr))
         self.faults = _Faults()
@@ -306,7 +308,7 @@ class PruneJob:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
-        t0 = time.perf_counter()
+        t0 = self.t0
         with _Signals() as sigs, MemoryMonitor(device=self.device) as mon:
             self.signals = sigs
             job, resumed = self.open_job()

@@ -1,0 +1,218 @@
+"""Perplexity of a checkpoint, computed block by block with the prune job's streaming machinery.
+
+Only one decoder block's weights are materialized at a time; the hidden states of every window live in one
+host tensor. The head (final norm, output projection, logit softcapping, ...) is not re-implemented per family:
+the model's own forward runs once more per batch with every block replaced by a stand-in that passes hidden
+states through, except the last, which returns the stored final hidden states.
+
+Formula (wanda-spec.md, "Evaluation protocol"): the token stream is cut into non-overlapping windows of
+`seqlen` tokens (tail dropped); each window's loss is the mean cross-entropy of its shifted logits
+(`logits[:, :-1]` against `ids[:, 1:]`, i.e. seqlen - 1 predicted tokens); nll is the mean of the window losses
+and ppl = exp(nll). All windows have the same length, so this is also the mean NLL over all predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import StreamPruneError
+from .memory import MemoryMonitor
+from .model import block_output, build_skeleton, capture, find_blocks, load_config, materialize, release, set_tensor
+from .pipeline import DTYPES, _context_length, resolve_device
+from .shards import Checkpoint
+
+
+def read_token_stream(text_file: str | os.PathLike, model_dir: Path) -> torch.Tensor:
+    """The whole file, as is, tokenized once with the model's tokenizer (no special tokens): a 1-D id tensor."""
+    from transformers import AutoTokenizer
+
+    path = Path(text_file)
+    if not path.is_file():
+        raise StreamPruneError(f"{path}: no such text file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StreamPruneError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        raise StreamPruneError(f"{model_dir}: no usable tokenizer files to tokenize {path}") from None
+    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def make_windows(stream: torch.Tensor, seqlen: int, windows: int | None, source: str) -> torch.Tensor:
+    """The first `windows` non-overlapping windows of `seqlen` tokens (all when None): [windows, seqlen]."""
+    available = stream.numel() // seqlen
+    if available == 0:
+        raise StreamPruneError(f"{source}: {stream.numel()} tokens, too short for one window of --seqlen {seqlen}")
+    if windows is not None and windows > available:
+        raise StreamPruneError(f"{source}: {stream.numel()} tokens make {available} windows of {seqlen}, "
+                               f"--windows asks for {windows}")
+    n = available if windows is None else windows
+    return stream[:n * seqlen].reshape(n, seqlen)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a block in the head pass; the last one returns the stored final hidden states."""
+
+    def __init__(self, final: dict | None = None):
+        super().__init__()
+        self.final = final
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.final is None else self.final["hidden"]
+
+
+class _StreamedModel:
+    """The meta skeleton of a checkpoint with the means to run it one block at a time."""
+
+    def __init__(self, config, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+        self.skeleton = build_skeleton(config)
+        self.blocks_name, self.blocks = find_blocks(self.skeleton, config)
+        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+        head = self.skeleton.get_output_embeddings()
+        self.head_prefix = next(n for n, m in self.skeleton.named_modules() if m is head) + "."
+        # the model's own decision, taken before any parameter is replaced: a tied skeleton shares the Parameter
+        self.tied = head.weight is self.skeleton.get_input_embeddings().weight
+
+    def _outside(self, name: str) -> bool:
+        return not name.startswith(self.blocks_name + ".")
+
+    def materialize_outside(self, with_head: bool) -> None:
+        """Assign the non-block parameters (embeddings, final norm, ...); the output embeddings only if asked."""
+        materialize(self.skeleton, "", self.ckpt, self.device, self.dtype,
+                    skip=lambda n: not self._outside(n) or n.startswith(self.head_prefix))
+        if not with_head:
+            return
+        head = self.skeleton.get_output_embeddings()
+        if self.tied:
+            set_tensor(head, "weight", self.skeleton.get_input_embeddings().weight)
+        else:
+            materialize(head, self.head_prefix, self.ckpt, self.device, self.dtype)
+
+    def release_outside(self) -> None:
+        """Back to meta; every alias of a tied parameter included (named_parameters would list it once)."""
+        for name, p in list(self.skeleton.named_parameters(remove_duplicate=False)):
+            if self._outside(name):
+                set_tensor(self.skeleton, name, torch.empty(p.shape, device="meta"))
+
+    @torch.no_grad()
+    def capture_inputs(self, ids: torch.Tensor, batches: list) -> tuple[torch.Tensor, dict]:
+        """Block-0 inputs of every window (a host tensor) and each block's call kwargs per batch size."""
+        hidden, kwargs = None, {}
+        self.materialize_outside(with_head=False)
+        try:
+            for j0, j1 in batches:
+                got = capture(self.skeleton, self.blocks, [ids[j0:j1]], self.device)
+                if hidden is None:
+                    hidden = torch.empty((ids.shape[0], *got.inputs[0].shape[1:]), dtype=self.dtype)
+                hidden[j0:j1] = got.inputs[0]
+                for size, kw in got.kwargs.items():
+                    kwargs.setdefault(size, kw)
+        finally:
+            self.release_outside()
+        return hidden, kwargs
+
+    @torch.no_grad()
+    def run_block(self, i: int, hidden: torch.Tensor, kwargs: dict, batches: list, progress: bool) -> None:
+        """Replace `hidden` in place by block i's outputs."""
+        block = self.blocks[i]
+        materialize(block, f"{self.blocks_name}.{i}.", self.ckpt, self.device, self.dtype, pin=self.device.type == "cuda")
+        try:
+            for j0, j1 in tqdm(batches, desc=f"block {i}", leave=False, disable=not progress):
+                y = block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i])
+                hidden[j0:j1] = y.to("cpu")
+        finally:
+            release(block)
+
+    @torch.no_grad()
+    def window_losses(self, ids: torch.Tensor, hidden: torch.Tensor, batches: list, progress: bool) -> torch.Tensor:
+        """Mean shifted-token NLL of every window, from the final hidden states through the model's own head."""
+        final: dict = {}
+        originals = list(self.blocks)
+        n = len(originals)
+        for i in range(n):
+            self.blocks[i] = _PassThrough(final if i == n - 1 else None)
+        losses = torch.empty(ids.shape[0], dtype=torch.float64)
+        self.materialize_outside(with_head=True)
+        try:
+            for j0, j1 in tqdm(batches, desc="head", leave=False, disable=not progress):
+                final["hidden"] = hidden[j0:j1].to(self.device)
+                x = ids[j0:j1].to(self.device)
+                logits = self.skeleton(input_ids=x, use_cache=False).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+                losses[j0:j1] = nll.view(j1 - j0, -1).mean(dim=1).double().cpu()
+        finally:
+            final.clear()
+            self.release_outside()
+            for i in range(n):
+                self.blocks[i] = originals[i]
+        return losses
+
+
+def _check_args(seqlen, windows, batch_size) -> None:
+    if seqlen is not None and seqlen < 2:
+        raise StreamPruneError("--seqlen must be at least 2")
+    if windows is not None and windows < 1:
+        raise StreamPruneError("--windows must be at least 1")
+    if batch_size < 1:
+        raise StreamPruneError("--batch-size must be at least 1")
+
+
+def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None = None, seqlen: int | None = None,
+             windows: int | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
+             progress: bool = True, batch_size: int = 1, ids: torch.Tensor | None = None) -> dict:
+    """WikiText-style perplexity of the checkpoint in `model_dir` on `text_file`, one block in memory at a time.
+
+    seqlen defaults to min(2048, model context); windows=None uses every full window. `ids` (a 1-D token
+    stream) replaces the text file and tokenizer. dtype defaults to float32 on CPU, the checkpoint's on CUDA.
+    """
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    _check_args(seqlen, windows, batch_size)
+    if not model_dir.is_dir():
+        raise StreamPruneError(f"{model_dir}: no such model directory")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+        raise StreamPruneError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    dev = resolve_device(device)
+    config = load_config(model_dir)
+    context = _context_length(config)
+    if seqlen is None:
+        seqlen = min(2048, context or 2048)
+    elif context and seqlen > context:
+        raise StreamPruneError(f"--seqlen {seqlen} is beyond the model's context ({context} tokens)")
+    if ids is None:
+        if text_file is None:
+            raise StreamPruneError("evaluate needs a text file (or a token id stream)")
+        stream, source = read_token_stream(text_file, model_dir), str(text_file)
+    else:
+        stream, source = ids.reshape(-1).long(), "token ids"
+    data = make_windows(stream, seqlen, windows, source)
+    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    if ((data < 0) | (data >= vocab)).any():
+        raise StreamPruneError(f"{source}: token ids outside the vocabulary (size {vocab})")
+
+    ckpt = Checkpoint(model_dir)
+    compute = DTYPES[dtype] if isinstance(dtype, str) else dtype or (ckpt.dtype if dev.type == "cuda" else torch.float32)
+    with MemoryMonitor(device=dev) as mon:
+        model = _StreamedModel(config, ckpt, dev, compute)
+        n = data.shape[0]
+        batches = [(j, min(n, j + batch_size)) for j in range(0, n, batch_size)]
+        hidden, kwargs = model.capture_inputs(data, batches)
+        for i in tqdm(range(len(model.blocks)), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True):
+            model.run_block(i, hidden, kwargs, batches, progress)
+        losses = model.window_losses(data, hidden, batches, progress)
+    nll = float(losses.mean())
+    out = {"model": str(model_dir), "ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": seqlen,
+           "tokens": n * seqlen, "stream_tokens": stream.numel(), "device": str(dev),
+           "compute_dtype": str(compute).replace("torch.", ""), "wall_seconds": time.perf_counter() - t0}
+    out.update(mon.report())
+    return out
