@@ -8,6 +8,8 @@ class StreamPruneError(Exception):
 
 
 class Interrupted(StreamPruneError):
-    """SIGINT/SIGTERM arrived; the job stopped at a safe point and can be resumed."""
+    """SIGINT/SIGTERM arrived; the job stopped at a safe point and can be resumed. Exit 128 + signal number."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -115,6 +115,7 @@ class _Signals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -372,7 +373,7 @@ class PruneJob:
                 inps, outs, kwargs = self._prepare_activations(job, start)
             except _Stop:
                 raise Interrupted(f"{self.signals.received}: stopped before any new block; continue with "
-                                  f"`streamprune resume {self.out}`") from None
+                                  f"`streamprune resume {self.out}`", self.signals.signum) from None
 
         pool = ThreadPoolExecutor(max_workers=2) if opts.overlap else None
         pending = None  # the block whose shard is being written: committed once the write has finished
@@ -432,7 +433,7 @@ class PruneJob:
                     store.close()
         if self.signals.received:
             raise Interrupted(f"{self.signals.received}: stopped with {job.committed} of {n_blocks} blocks committed; "
-                              f"continue with `streamprune resume {self.out}`")
+                              f"continue with `streamprune resume {self.out}`", self.signals.signum)
         self._publish(job)
 
     def _save_inputs_on_stop(self, job: Job, inps) -> None:
