@@ -40,6 +40,9 @@ def _errors(fn):
 @click.version_option(package_name="streamprune")
 def main():
     """Prune large language models with Wanda, one decoder block in memory at a time."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own messages are the one line a user needs
 
 
 def _print_summary(s: dict, as_json: bool) -> None:
@@ -74,6 +77,7 @@ PRUNE_OPTIONS = [
     click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU]."),
     click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per calibration forward."),
     click.option("--activations", default="auto", show_default=True, help="Activation cache: auto, gpu, cpu or disk."),
+    click.option("--gpu-memory-limit", default=None, help="Cap this process's GPU memory (e.g. 24GB) to prove a smaller card."),
     click.option("--snapshot-every", type=int, default=8, show_default=True,
                  help="Save the activations every K blocks so a resume needs little recomputation (0: never)."),
     click.option("--overwrite", is_flag=True, help="Delete the contents of a non-empty OUT first."),
@@ -140,6 +144,49 @@ def status(out, as_json):
     click.echo(f"{out}: {'complete' if st['complete'] else 'in progress'}, {st['blocks_done']}/{st['blocks_total']} blocks, "
                f"sparsity so far {st['sparsity']:.4f}, time spent {st['seconds']:.0f}s, estimated time left {eta}"
                + (f", activations saved after block {st['snapshot_after_block']}" if st["snapshot_after_block"] is not None else ""))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--gpu-memory", default=None, help="Plan for a GPU with this much memory (e.g. 24GB); omit for CPU.")
+@click.option("--host-memory", default=None, help="Host memory to plan for [default: available now].")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=None, help="[default: min(2048, model context)]")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
+@click.option("--activations", default="auto", show_default=True)
+@click.option("--method", default="wanda", show_default=True)
+@click.option("--nproc", "ranks", type=int, default=1, show_default=True, help="Data-parallel ranks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_errors
+def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, activations, method, ranks, as_json):
+    """Predict memory and disk use of a prune job from config.json alone, and what fits on 8-24 GB cards."""
+    from .plan import plan_for
+
+    r = plan_for(model, gpu_memory=gpu_memory, host_memory=host_memory, nsamples=nsamples, seqlen=seqlen,
+                 batch_size=batch_size, dtype=dtype, activations=activations, method=method, ranks=ranks)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    p, hb = r["plan"], human_bytes
+    click.echo(f"{model}: {r['blocks']} blocks of {r['block_params'] / 1e9:.2f}B parameters, largest linear "
+               f"{r['largest_linear'][0]}x{r['largest_linear'][1]}, {r['checkpoint_dtype']} checkpoint of "
+               f"{hb(r['checkpoint_bytes'])}")
+    click.echo(f"settings: {r['device']} ({r['compute_dtype']}), {r['nsamples']} x {r['seqlen']} calibration tokens, "
+               f"batch {r['batch_size']}, {r['ranks']} rank(s), host memory {hb(r['host_memory'])}, "
+               f"GPU memory {hb(r['gpu_memory'])}")
+    rows = [("one block (checkpoint dtype)", p["block_bytes_checkpoint"]), ("one block (compute dtype)", p["block_bytes_compute"]),
+            ("activation buffers (2 x)", 2 * p["activation_buffer_bytes"]), ("block forward transient", p["forward_transient_bytes"]),
+            (f"pruning workspace ({p['row_chunk']} rows/chunk)", p["workspace_bytes"]),
+            ("predicted peak GPU memory", p["peak_gpu_bytes"]), ("predicted peak host memory", p["peak_host_bytes"]),
+            ("disk (output + cache + snapshot)", p["disk_bytes"])]
+    for label, value in rows:
+        click.echo(f"  {label:<38} {hb(value):>12}")
+    click.echo(f"  activation tier: {p['tier']}; fits: {'yes' if p['fits'] else 'NO: ' + p['reason']}")
+    click.echo("cards (same settings, auto tier):")
+    for card, c in r["cards"].items():
+        click.echo(f"  {card:>5}: {'fits' if c['fits'] else 'does not fit'}, activations on {c['tier']}, peak GPU "
+                   f"{hb(c['peak_gpu_bytes'])}, peak host {hb(c['peak_host_bytes'])}")
 
 
 @main.command("eval")

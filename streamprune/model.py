@@ -53,13 +53,20 @@ def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
     """A causal-LM instance of the config's architecture with all parameters on meta."""
     from transformers import AutoModelForCausalLM
 
+    arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
+    unsupported = (f"unsupported architecture {arch} (model_type {config.model_type!r}): streamprune prunes "
+                   f"decoder-only causal language models")
+    named = getattr(config, "architectures", None)
+    if getattr(config, "is_encoder_decoder", False) or (named and not any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in named)):
+        raise StreamPruneError(unsupported)
     try:
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     except ValueError as e:
-        arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
-        raise StreamPruneError(f"unsupported architecture {arch} (model_type {config.model_type!r}): streamprune prunes "
-                               f"decoder-only causal language models ({str(e).splitlines()[0][:120]})") from None
+        raise StreamPruneError(f"{unsupported} ({str(e).splitlines()[0][:120]})") from None
+    if any(getattr(m, "is_causal", True) is False for m in model.modules()):
+        raise StreamPruneError(f"{unsupported}: its attention is not causal")
     return model.eval().requires_grad_(False)
 
 

@@ -27,7 +27,7 @@ from .job import Job, diff
 from .memory import MemoryMonitor, Timers, human_bytes, return_freed_memory_to_os
 from .model import (block_output, build_skeleton, capture, checkpoint_names, find_blocks, load_config, materialize,
                     release)
-from .plan import block_shape, itemsize, make_plan
+from .plan import block_shape, itemsize, make_plan, parse_size
 from .shards import Checkpoint
 from .wanda import InputStats, Structure, magnitude_mask, wanda_mask
 from .writer import _Atomic, copy_side_files, file_sha256, shard_name, write_index, write_shard
@@ -56,6 +56,7 @@ class PruneOptions:
     overlap: bool = True
     progress: bool = True
     attn_implementation: str = "sdpa"
+    gpu_memory_limit: str | int | None = None
 
     # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
     RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
@@ -96,6 +97,14 @@ def check_paths(model_dir: Path, out: Path) -> None:
         raise StreamPruneError(f"OUT {out} contains the model directory; choose a directory elsewhere")
     if out.exists() and not out.is_dir():
         raise StreamPruneError(f"OUT {out} exists and is not a directory")
+
+
+def check_out_usable(out: Path, overwrite: bool) -> None:
+    """An OUT that holds something other than a streamprune job is refused unless --overwrite."""
+    from .job import Job
+
+    if out.is_dir() and not Job.exists(out) and any(out.iterdir()) and not overwrite:
+        raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")
 
 
 class _Signals:
@@ -156,7 +165,12 @@ class PruneJob:
         self.timers = Timers()
         self._validate_options()
         check_paths(self.model_dir, self.out)
+        check_out_usable(self.out, opts.overwrite)
         self.device = resolve_device(opts.device)
+        self.gpu_limit = parse_size(opts.gpu_memory_limit)
+        if self.gpu_limit and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.gpu_limit / total), self.device)
         self.config = load_config(self.model_dir)
         self.skeleton = build_skeleton(self.config, opts.attn_implementation)
         self.blocks_name, self.blocks = find_blocks(self.skeleton, self.config)
@@ -335,6 +349,8 @@ class PruneJob:
         gpu_free = None
         if self.device.type == "cuda":
             gpu_free = torch.cuda.mem_get_info(self.device)[0]
+            if self.gpu_limit:
+                gpu_free = min(gpu_free, self.gpu_limit)
         import psutil
         return make_plan(shape, nsamples=self.opts.nsamples, seqlen=self.opts.seqlen, batch=self.opts.batch_size,
                          ckpt_itemsize=itemsize(self.ckpt_dtype), compute_itemsize=itemsize(self.dtype),
@@ -345,7 +361,8 @@ class PruneJob:
 
     def _check_disk(self, job: Job, plan) -> None:
         written = sum(m["size"] for m in job.data["files"].values())
-        need = max(0, plan.disk_bytes - written) + 64 * 1024 ** 2
+        remaining = max(0, plan.disk_bytes - written)
+        need = remaining + max(1024 ** 2, remaining // 50)  # margin: 2%, at least 1 MiB
         free = shutil.disk_usage(self.out).free
         if need > free:
             raise StreamPruneError(f"not enough disk space in {self.out}: the job needs {human_bytes(need)} "

@@ -37,7 +37,7 @@ class BlockShape:
 def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     block = blocks[0]
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
-    largest = max(linears, key=lambda m: m.weight.numel())
+    largest = max(linears, key=lambda m: (m.weight.numel(), m.in_features))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", 1)
     return BlockShape(
@@ -53,13 +53,13 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
 
 @dataclass
 class Plan:
-    block_bytes_checkpoint: int
-    block_bytes_compute: int
-    activation_buffer_bytes: int   # one of the two buffers
-    forward_transient_bytes: int
-    workspace_bytes: int
+    block_bytes_checkpoint: int     # one block as stored (read ahead / written back on the host)
+    block_bytes_compute: int        # one block in the compute dtype on the compute device
+    activation_buffer_bytes: int    # one of the two buffers [nsamples/ranks, seqlen, hidden]
+    forward_transient_bytes: int    # live set inside one block forward for one micro-batch
+    workspace_bytes: int            # metric + sort of one row chunk, plus one full mask of the largest linear
     row_chunk: int
-    tier: str
+    tier: str                       # where the activation buffers live: gpu, cpu or disk
     peak_gpu_bytes: int | None
     peak_host_bytes: int
     disk_bytes: int
@@ -70,55 +70,136 @@ class Plan:
         return asdict(self)
 
 
+PROCESS_BASE = 450 * 1024 ** 2   # python + torch + transformers + the meta skeleton, measured here: 350-450 MiB
+CUDA_CONTEXT = 600 * 1024 ** 2   # CUDA context and kernels on the device, outside torch's allocator
+GPU_SLACK = 1.08                 # caching-allocator fragmentation
+
+
 def forward_transient(shape: BlockShape, seqlen: int, batch: int, itemsize: int, sdpa: bool = True) -> int:
-    """Largest live set inside one block forward for one micro-batch (MLP intermediates or attention)."""
+    """Largest live set inside one block forward for one micro-batch (MLP intermediates or attention), plus the
+    float32 copy the statistics hook makes of the widest linear input."""
     tokens = batch * seqlen
-    mlp = tokens * shape.intermediate * itemsize * 3             # gate, up, act(gate)*up
+    mlp = tokens * shape.intermediate * itemsize * 3             # gate, up, act(gate) * up
     qkv = tokens * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * itemsize * 2  # q/k/v + rotated copies
     scores = 0 if sdpa else batch * shape.heads * seqlen * seqlen * itemsize * 2
-    stats = tokens * shape.intermediate * 4  # float32 copy of the widest linear input in the statistics hook
+    stats = tokens * shape.intermediate * 4
     return max(mlp, qkv + scores) + stats + tokens * shape.hidden * itemsize * 4
 
 
 def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt_itemsize: int,
               compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None, host_free: int,
-              checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True) -> Plan:
+              checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True, ranks: int = 1) -> Plan:
+    """Predict the peaks of one rank. `gpu_free`/`host_free` are what the job may use (after any cap)."""
+    local = -(-nsamples // ranks)
     block_ckpt = shape.params * ckpt_itemsize
     block_compute = shape.params * compute_itemsize
-    act = nsamples * seqlen * shape.hidden * compute_itemsize if needs_activations else 0
+    act = local * seqlen * shape.hidden * compute_itemsize if needs_activations else 0
     transient = forward_transient(shape, seqlen, batch, compute_itemsize) if needs_activations else 0
-    chunk = row_chunk(shape.largest_linear[1])
-    workspace = chunk * shape.largest_linear[1] * BYTES_PER_METRIC_ELEMENT + shape.largest_linear[0] * shape.largest_linear[1]
-    io_blocks = 2 * block_ckpt  # one block being read ahead, one being written
+    out_f, in_f = shape.largest_linear
+    chunk = min(out_f, row_chunk(in_f))
+    workspace = chunk * in_f * BYTES_PER_METRIC_ELEMENT + out_f * in_f  # + the bool mask of the whole matrix
+    io_blocks = 2 * block_ckpt  # one block read ahead, one being written
+    micro = 2 * batch * seqlen * shape.hidden * compute_itemsize  # a micro-batch in and out on the device
 
     reason = ""
     if device_type == "cuda":
-        base_gpu = block_compute + transient + workspace
+        gpu_base = CUDA_CONTEXT + GPU_SLACK * (block_compute + max(transient, workspace))
         if tier == "auto":
             if not needs_activations:
                 tier = "cpu"
-            elif gpu_free is not None and base_gpu + 2 * act <= gpu_free * 0.9:
+            elif gpu_free is not None and gpu_base + GPU_SLACK * 2 * act <= gpu_free:
                 tier = "gpu"
-            elif 2 * act <= host_free * HOST_HEADROOM:
+            elif 2 * act + io_blocks + PROCESS_BASE <= host_free * HOST_HEADROOM:
                 tier = "cpu"
             else:
                 tier = "disk"
-        peak_gpu = base_gpu + (2 * act if tier == "gpu" else 2 * batch * seqlen * shape.hidden * compute_itemsize)
-        peak_host = io_blocks + (2 * act if tier == "cpu" else 0)
-        fits = gpu_free is None or peak_gpu <= gpu_free
-        if not fits:
-            reason = "one block plus its forward does not fit the GPU; lower --seqlen or --batch-size"
+        peak_gpu = int(gpu_base + GPU_SLACK * (2 * act if tier == "gpu" else micro))
+        peak_host = PROCESS_BASE + io_blocks + (2 * act if tier == "cpu" else 0)
+        fits = (gpu_free is None or peak_gpu <= gpu_free) and peak_host <= host_free
+        if gpu_free is not None and peak_gpu > gpu_free:
+            reason = "one block and its forward do not fit the GPU; lower --seqlen or --batch-size"
     else:
+        fixed = PROCESS_BASE + block_compute + io_blocks + max(transient, workspace)
         if tier in ("auto", "gpu"):
-            tier = "cpu" if 2 * act <= max(0, host_free - block_compute - io_blocks) * HOST_HEADROOM else "disk"
+            tier = "cpu" if not needs_activations or fixed + 2 * act <= host_free * HOST_HEADROOM else "disk"
         peak_gpu = None
-        peak_host = block_compute + io_blocks + transient + workspace + (2 * act if tier == "cpu" else 0)
+        peak_host = fixed + (2 * act if tier == "cpu" else micro)
         fits = peak_host <= host_free
-        if not fits:
-            reason = "one block and its workspace do not fit in host memory"
-    disk = checkpoint_bytes + (2 * act if tier == "disk" else 0) + (act if snapshot else 0)
-    return Plan(block_ckpt, block_compute, act, transient, workspace, chunk, tier, peak_gpu, peak_host, disk, fits, reason)
+    if not fits and not reason:
+        reason = "one block, its neighbours in flight and its workspace do not fit in host memory"
+    disk = checkpoint_bytes + (2 * act if tier == "disk" else 0) + (act * ranks if snapshot else 0)
+    return Plan(block_ckpt, block_compute, act, transient, workspace, chunk, tier, peak_gpu, int(peak_host), int(disk),
+                bool(fits), reason)
 
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "MIB": 1024 ** 2,
+         "G": GiB, "GB": GiB, "GIB": GiB, "T": 1024 ** 4, "TB": 1024 ** 4, "TIB": 1024 ** 4}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'24GB' -> bytes. Memory sizes are binary (a '24 GB' card has 24 GiB), so GB and GiB both mean 2**30."""
+    if text is None or isinstance(text, int):
+        return text
+    import re
+
+    from .errors import StreamPruneError
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in UNITS:
+        raise StreamPruneError(f"{text!r}: not a memory size (e.g. 24GB, 512MiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 128, seqlen: int | None = None,
+             batch_size: int = 1, dtype: str | None = None, activations: str = "auto", device: str | None = None,
+             ranks: int = 1, method: str = "wanda", snapshot: bool = True) -> dict:
+    """The plan for a checkpoint directory from config.json (and the index, if present) alone: no weights read.
+
+    `device` defaults to cuda when `gpu_memory` is given; `host_memory` defaults to what is available now.
+    Also returns, for 8/12/16/24 GB cards, the tier and the predicted peaks with the same settings.
+    """
+    import json
+    from pathlib import Path
+
+    import psutil
+
+    from .model import build_skeleton, find_blocks, load_config
+    from .shards import INDEX_NAME
+
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    blocks = find_blocks(build_skeleton(config), config)[1]
+    shape = block_shape(blocks, config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    ckpt_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.bfloat16
+    ckpt_dtype = getattr(torch, ckpt_dtype) if isinstance(ckpt_dtype, str) else ckpt_dtype
+    device = device or ("cuda" if gpu_memory is not None else "cpu")
+    compute = getattr(torch, dtype) if dtype else (ckpt_dtype if device == "cuda" else torch.float32)
+    context = getattr(text, "max_position_embeddings", None) or 2048
+    seqlen = seqlen or min(2048, context)
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        ckpt_bytes = json.loads(index.read_text())["metadata"]["total_size"]
+    else:
+        ckpt_bytes = sum(p.numel() for p in blocks.parameters()) * itemsize(ckpt_dtype) + \
+            2 * text.vocab_size * text.hidden_size * itemsize(ckpt_dtype)
+    host = parse_size(host_memory) or psutil.virtual_memory().available
+    common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(ckpt_dtype),
+                  compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
+                  needs_activations=method != "magnitude", snapshot=snapshot, ranks=ranks)
+    main = make_plan(shape, device_type=device, tier=activations, gpu_free=parse_size(gpu_memory), **common)
+    cards = {}
+    for gb in (8, 12, 16, 24):
+        p = make_plan(shape, device_type="cuda", tier="auto", gpu_free=gb * GiB,
+                      **dict(common, compute_itemsize=itemsize(getattr(torch, dtype) if dtype else ckpt_dtype)))
+        cards[f"{gb}GB"] = {"tier": p.tier, "peak_gpu_bytes": p.peak_gpu_bytes, "peak_host_bytes": p.peak_host_bytes,
+                            "fits": p.fits}
+    return {"model": str(model_dir), "blocks": len(blocks), "block_params": shape.params,
+            "largest_linear": list(shape.largest_linear), "hidden": shape.hidden, "checkpoint_dtype": str(ckpt_dtype)[6:],
+            "compute_dtype": str(compute)[6:], "device": device, "nsamples": nsamples, "seqlen": seqlen,
+            "batch_size": batch_size, "ranks": ranks, "checkpoint_bytes": ckpt_bytes, "host_memory": host,
+            "gpu_memory": parse_size(gpu_memory), "plan": main.as_dict(), "cards": cards}
