@@ -29,10 +29,13 @@ from .model import (block_output, build_skeleton, capture, checkpoint_names, fin
                     release)
 from .plan import block_shape, itemsize, make_plan, parse_size
 from .shards import Checkpoint
+from .methods import ChannelMoments, HessianStats, dsnot_refine, owl_outlier_ratio, owl_sparsities, ria_mask, sparsegpt_prune
 from .wanda import InputStats, Structure, magnitude_mask, wanda_mask
 from .writer import _Atomic, copy_side_files, file_sha256, shard_name, write_index, write_shard
 
-METHODS = ("wanda", "magnitude")
+METHODS = ("wanda", "magnitude", "ria", "sparsegpt")
+REFINES = (None, "dsnot")
+PROFILES = ("uniform", "owl")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -57,10 +60,14 @@ class PruneOptions:
     progress: bool = True
     attn_implementation: str = "sdpa"
     gpu_memory_limit: str | int | None = None
+    refine: str | None = None           # "dsnot": mask refinement after the wanda/ria mask
+    sparsity_profile: str = "uniform"   # "owl": per-block sparsity from a dense outlier sweep
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
 
     # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
     RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
-                   "attn_implementation")
+                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -200,6 +207,19 @@ class PruneJob:
         o = self.opts
         if o.method not in METHODS:
             raise StreamPruneError(f"--method {o.method!r}: choose one of {', '.join(METHODS)}")
+        if o.refine not in REFINES:
+            raise StreamPruneError(f"--refine {o.refine!r}: the only refinement is dsnot")
+        if o.refine and o.method not in ("wanda", "ria"):
+            raise StreamPruneError(f"--refine dsnot refines a wanda or ria mask, not --method {o.method}")
+        if o.sparsity_profile not in PROFILES:
+            raise StreamPruneError(f"--sparsity-profile {o.sparsity_profile!r}: choose uniform or owl")
+        if o.sparsity_profile == "owl" and Structure.parse(o.structure).is_nm:
+            raise StreamPruneError("--sparsity-profile owl varies unstructured sparsity per block; it does not apply to N:M")
+        if o.sparsity_profile == "owl" and o.method == "magnitude":
+            raise StreamPruneError("--sparsity-profile owl needs calibration statistics; use it with wanda, ria or sparsegpt")
+        if o.sparsity_profile == "owl" and not 0 <= o.owl_lambda < min(o.sparsity, 1 - o.sparsity):
+            raise StreamPruneError(f"--owl-lambda {o.owl_lambda}: must be in [0, {min(o.sparsity, 1 - o.sparsity)}) "
+                                   f"so every block's sparsity stays in (0, 1)")
         if not 0 < o.sparsity < 1:
             raise StreamPruneError(f"--sparsity {o.sparsity}: must be strictly between 0 and 1")
         if o.dtype and o.dtype not in DTYPES:
@@ -384,6 +404,14 @@ class PruneJob:
         if resumed:
             self.log(f"resume: {start} of {n_blocks} blocks already committed")
 
+        self.owl = None
+        if self.opts.sparsity_profile == "owl":
+            if job.data.get("owl") is None:
+                job.data["owl"] = self._owl_sweep()
+                job.save(self.faults)
+            self.owl = job.data["owl"]["sparsities"]
+            self.log("owl: per-block sparsity " + " ".join(f"{x:.3f}" for x in self.owl))
+
         inps = outs = kwargs = None
         if self.needs_data and start < n_blocks:
             try:
@@ -524,7 +552,7 @@ class PruneJob:
         params = dict(block.named_parameters())
         for name in self.block_tensor_names(i):
             local = name[len(prefix):]
-            if name in originals:
+            if name in originals and not (self.opts.method == "sparsegpt" and local in masks):
                 t = originals[name]
                 if local in masks:
                     t = t.masked_fill(masks[local].to(t.device), 0)
@@ -551,32 +579,55 @@ class PruneJob:
                 outs.write(j0, y)
 
     def _prune_block(self, i: int, block, inps, outs, kwargs) -> dict:
+        """Statistics pass on the dense block, masks (and weight updates) per linear, propagation pass."""
         linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-        masks, per_linear = {}, {}
         stats = None
         if self.needs_data:
             with self.timers("statistics", self.device):
-                stats = InputStats(block)
+                stats = BlockStatistics(block, moments=self.opts.refine == "dsnot",
+                                        hessians=self.opts.method == "sparsegpt")
                 try:
                     self._forward_all(block, i, inps, None, kwargs, "statistics")
                 finally:
                     stats.remove()
+        sparsity = self.block_sparsity(i)
+        masks, per_linear = {}, {}
         with self.timers("prune", self.device):
             for name, lin in linears.items():
-                w = lin.weight
-                if self.opts.method == "magnitude":
-                    mask = magnitude_mask(w, self.opts.sparsity, self.structure, self.row_chunk)
-                else:
-                    mask = wanda_mask(w, stats.scaler[name], self.opts.sparsity, self.structure, self.row_chunk)
-                w.data.masked_fill_(mask, 0)
-                masks[name + ".weight"] = mask
+                mask = self._prune_linear(name, lin.weight, stats, sparsity)
                 per_linear[name] = {"zeros": int(mask.sum()), "numel": mask.numel()}
+                if not self._exact_roundtrip():  # only then are masks needed again, to zero the originals
+                    masks[name + ".weight"] = mask
+                del mask
+            del stats
         if self.needs_data:
             with self.timers("propagate", self.device):
                 self._forward_all(block, i, inps, outs, kwargs, "propagate")
         zeros = sum(v["zeros"] for v in per_linear.values())
         numel = sum(v["numel"] for v in per_linear.values())
-        return {"masks": masks, "sparsity": zeros / numel, "linears": per_linear}
+        return {"masks": masks, "sparsity": zeros / numel, "target": sparsity, "linears": per_linear}
+
+    def _prune_linear(self, name: str, w: torch.nn.Parameter, stats, sparsity: float) -> torch.Tensor:
+        """Zero (and, for SparseGPT, update) one weight in place; return the bool mask of zeroed entries."""
+        o, st, chunk = self.opts, self.structure, self.row_chunk
+        if o.method == "magnitude":
+            mask = magnitude_mask(w, sparsity, st, chunk)
+        elif o.method == "wanda":
+            mask = wanda_mask(w, stats.scaler[name], sparsity, st, chunk)
+        elif o.method == "ria":
+            mask = ria_mask(w, stats.scaler[name], sparsity, st, row_chunk=chunk)
+        else:  # sparsegpt
+            new, mask = sparsegpt_prune(w.data, stats.hessians.pop(name).H, sparsity, st)
+            w.data.copy_(new)
+            del new
+        if o.refine == "dsnot":
+            mom = stats.moments[name]
+            mask = dsnot_refine(w, mask, mom.sum_mean, mom.var, stats.scaler[name], structure=st, row_chunk=chunk)
+        w.data.masked_fill_(mask, 0)
+        return mask
+
+    def block_sparsity(self, i: int) -> float:
+        return self.owl[i] if self.owl is not None else self.opts.sparsity
 
     # ------------------------------------------------------------------ activations and resume
 
@@ -634,6 +685,40 @@ class PruneJob:
                      f"({start - first} forward passes, {time.perf_counter() - t:.1f}s)")
         return inps, outs, kwargs
 
+    @torch.no_grad()
+    def _owl_sweep(self) -> dict:
+        """OWL's dense sweep: each block's share of outlier Wanda scores, on dense activations, then the
+        per-block sparsities (mean = target). One forward per block; restarts from block 0 if interrupted."""
+        t = time.perf_counter()
+        inps, outs = self._new_store("a"), self._new_store("b")
+        try:
+            captured = self._capture(only_kwargs=False)
+            for (j0, _), h in zip(self._batches(), captured.inputs):
+                inps.write(j0, h)
+            kwargs = captured.kwargs
+            del captured
+            ratios = []
+            for i in tqdm(range(len(self.blocks)), desc="owl sweep", unit="block", disable=not self.opts.progress):
+                block, _ = self._materialize(i, self._read_block(i))
+                stats = InputStats(block)
+                try:
+                    self._forward_all(block, i, inps, outs, kwargs, "owl")
+                finally:
+                    stats.remove()
+                ratios.append(owl_outlier_ratio([(m.weight, stats.scaler[n]) for n, m in stats.linears.items()],
+                                                hyper_m=self.opts.owl_m, row_chunk=self.row_chunk))
+                release(block)
+                inps, outs = outs, inps
+        except _Stop:
+            raise Interrupted(f"{self.signals.received}: stopped during the OWL sweep (it restarts on resume); "
+                              f"continue with `streamprune resume {self.out}`", self.signals.signum) from None
+        finally:
+            inps.close()
+            outs.close()
+        sparsities = owl_sparsities(ratios, self.opts.sparsity, self.opts.owl_lambda)
+        self.timers.seconds["owl_sweep"] += time.perf_counter() - t
+        return {"ratios": ratios, "sparsities": sparsities}
+
     def _maybe_snapshot(self, job: Job, i: int, outs):
         """Every `snapshot_every` blocks (and when interrupted) save the next block's inputs."""
         k = self.opts.snapshot_every
@@ -684,6 +769,23 @@ class PruneJob:
         if plan is not None:
             out["plan"] = plan.as_dict()
         return out
+
+
+class BlockStatistics(InputStats):
+    """Wanda's per-channel statistics for every linear of a block, plus what the chosen method needs:
+    DSnoT's channel moments and SparseGPT's Hessians, all from the same dense pass."""
+
+    def __init__(self, block, moments: bool = False, hessians: bool = False):
+        super().__init__(block)
+        self.moments, self.hessians = {}, {}
+        for name, lin in self.linears.items():
+            dev = lin.weight.device
+            if moments:
+                self.moments[name] = ChannelMoments(lin.in_features, dev)
+                self.handles.append(lin.register_forward_hook(self.moments[name].hook))
+            if hessians:
+                self.hessians[name] = HessianStats(lin.in_features, dev)
+                self.handles.append(lin.register_forward_hook(self.hessians[name].hook))
 
 
 class _Stop(Exception):

@@ -1,7 +1,9 @@
-"""An in-memory reference Wanda, written from wanda-spec.md: whole model in memory, batch 1, float32.
+"""An in-memory reference, written from wanda-spec.md: whole model in memory, batch 1, float32.
 
 Deliberately independent of streamprune's machinery: block i's statistics come from full-model forwards in
 which blocks 0..i-1 are already pruned in place (hooks on block i's linears, a stop right after block i).
+The follow-up methods use streamprune.methods' per-matrix rules (verified on their own in test_methods.py);
+what this reference checks is everything around them: which statistics, from which activations, in which order.
 """
 
 from __future__ import annotations
@@ -18,60 +20,100 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
+def _collect(model, layer, ids, hooks_for):
+    """Run full forwards (batch 1, stop after `layer`) with the hooks `hooks_for(lin)` on each of its linears."""
+    linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
+    handles = [lin.register_forward_hook(h) for lin in linears for h in hooks_for(lin)]
+    handles.append(layer.register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop())))
+    for s in range(ids.shape[0]):
+        try:
+            model(input_ids=ids[s:s + 1], use_cache=False)
+        except _Stop:
+            pass
+    for h in handles:
+        h.remove()
+    return linears
+
+
+class _Scaler:
+    def __init__(self, lin):
+        self.s, self.n = torch.zeros(lin.in_features, dtype=torch.float32), 0
+
+    def __call__(self, lin, args, output):
+        inp = args[0]
+        if inp.dim() == 2:
+            inp = inp.unsqueeze(0)
+        tmp = inp.shape[0]
+        inp = inp.reshape(-1, inp.shape[-1]).t()
+        self.s *= self.n / (self.n + tmp)
+        self.n += tmp
+        inp = inp.type(torch.float32)
+        self.s += torch.norm(inp, p=2, dim=1) ** 2 / self.n
+
+
+def _mask(metric, sparsity, n, m):
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    if m:
+        for ii in range(0, metric.shape[1], m):
+            tmp = metric[:, ii:ii + m].float()
+            mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
+    else:
+        indices = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * sparsity)]
+        mask.scatter_(1, indices, True)
+    return mask
+
+
 @torch.no_grad()
 def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0,
-                    method: str = "wanda") -> dict[str, torch.Tensor]:
+                    method: str = "wanda", refine: str | None = None, profile: str = "uniform",
+                    owl_lambda: float = 0.08, owl_m: float = 5.0) -> dict[str, torch.Tensor]:
     """Prune `model` in place; return {parameter name: bool mask of zeroed weights}."""
-    masks = {}
-    names = {mod: name for name, mod in model.named_modules()}
-    for layer in decoder_layers(model):
-        linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
-        scaler = {lin: torch.zeros(lin.in_features, dtype=torch.float32) for lin in linears}
-        count = {lin: 0 for lin in linears}
+    from streamprune import methods
+    from streamprune.wanda import Structure
 
-        def stat_hook(lin, args, output):
-            inp = args[0]
-            if inp.dim() == 2:
-                inp = inp.unsqueeze(0)
-            tmp = inp.shape[0]
-            inp = inp.reshape(-1, inp.shape[-1]).t()
-            scaler[lin] *= count[lin] / (count[lin] + tmp)
-            count[lin] += tmp
-            inp = inp.type(torch.float32)
-            scaler[lin] += torch.norm(inp, p=2, dim=1) ** 2 / count[lin]
+    masks, names = {}, {mod: name for name, mod in model.named_modules()}
+    layers = decoder_layers(model)
+    targets = [sparsity] * len(layers)
+    if profile == "owl":  # the dense sweep: every block's statistics from the still dense model
+        ratios = []
+        for layer in layers:
+            scalers = {}
+            linears = _collect(model, layer, ids, lambda lin: [scalers.setdefault(lin, _Scaler(lin))])
+            ratios.append(methods.owl_outlier_ratio([(lin.weight, scalers[lin].s) for lin in linears], hyper_m=owl_m))
+        targets = methods.owl_sparsities(ratios, sparsity, owl_lambda)
 
-        def stop(mod, args, output):
-            raise _Stop
+    for layer, target in zip(layers, targets):
+        scalers, moments, hessians = {}, {}, {}
 
-        if method == "wanda":
-            handles = [lin.register_forward_hook(stat_hook) for lin in linears] + [layer.register_forward_hook(stop)]
-            for s in range(ids.shape[0]):
-                try:
-                    model(input_ids=ids[s:s + 1], use_cache=False)
-                except _Stop:
-                    pass
-            for h in handles:
-                h.remove()
+        def hooks(lin):
+            if method == "magnitude":
+                return []
+            out = [scalers.setdefault(lin, _Scaler(lin))]
+            if refine == "dsnot":
+                out.append(moments.setdefault(lin, methods.ChannelMoments(lin.in_features)).hook)
+            if method == "sparsegpt":
+                out.append(hessians.setdefault(lin, methods.HessianStats(lin.in_features)).hook)
+            return out
 
+        linears = _collect(model, layer, ids, hooks) if method != "magnitude" else \
+            [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
         for lin in linears:
             W = lin.weight.data
             if method == "wanda":
-                metric = torch.abs(W.float()) * torch.sqrt(scaler[lin].reshape(1, -1))
-            else:
+                mask = _mask(torch.abs(W.float()) * torch.sqrt(scalers[lin].s.reshape(1, -1)), target, n, m)
+            elif method == "magnitude" and m:
+                mask = _mask(torch.abs(W.float()), target, n, m)
+            elif method == "magnitude":
                 metric = torch.abs(W.float())
-            mask = torch.zeros_like(metric, dtype=torch.bool)
-            if m:
-                for ii in range(metric.shape[1]):
-                    if ii % m == 0:
-                        tmp = metric[:, ii:ii + m].float()
-                        mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
-            elif method == "wanda":
-                sort_res = torch.sort(metric, dim=-1, stable=True)
-                indices = sort_res[1][:, :int(metric.shape[1] * sparsity)]
-                mask.scatter_(1, indices, True)
-            else:
-                thresh = torch.sort(metric.flatten())[0][int(metric.numel() * sparsity)]
-                mask = metric <= thresh
+                mask = metric <= torch.sort(metric.flatten())[0][int(metric.numel() * target)]
+            elif method == "ria":
+                mask = _mask(methods.ria_score(W, scalers[lin].s), target, n, m)
+            elif method == "sparsegpt":
+                new, mask = methods.sparsegpt_prune(W, hessians[lin].H, target, Structure(n, m))
+                W.copy_(new)
+            if refine == "dsnot":
+                mom = moments[lin]
+                mask = methods.dsnot_refine(W, mask, mom.sum_mean, mom.var, scalers[lin].s, structure=Structure(n, m))
             W[mask] = 0
             masks[names[lin] + ".weight"] = mask
     return masks
