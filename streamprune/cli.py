@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -90,6 +91,8 @@ PRUNE_OPTIONS = [
     click.option("--restart", is_flag=True, help="Discard an existing job in OUT instead of resuming it."),
     click.option("--no-overlap", "overlap", flag_value=False, default=True, help="Read and write blocks in the foreground."),
     click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars."),
+    click.option("--nproc", type=int, default=1, show_default=True,
+                 help="Data-parallel processes on this machine (runs torchrun; one GPU each on CUDA)."),
     click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
 ]
 
@@ -107,11 +110,34 @@ def _with(options):
 @click.argument("out", type=click.Path())
 @_with(PRUNE_OPTIONS)
 @_errors
-def prune(model, out, as_json, **options):
+def prune(model, out, as_json, nproc, **options):
     """Prune the checkpoint in MODEL into OUT (resumes a matching job already in OUT)."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _torchrun(nproc)
     from .pipeline import prune as run
 
-    _print_summary(run(model, out, **options), as_json)
+    summary = run(model, out, **options)
+    if summary.get("rank", 0) == 0:
+        _print_summary(summary, as_json)
+
+
+def _torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with `nproc` processes (standalone rendezvous)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "streamprune", *args]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # share the cores, not oversubscribe
+    sys.exit(subprocess.run(cmd, env=env).returncode)
 
 
 @main.command()

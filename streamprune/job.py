@@ -35,8 +35,9 @@ def diff(old, new, path="") -> list[str]:
 
 
 class Job:
-    def __init__(self, out: Path, data: dict):
-        self.out, self.data = Path(out), data
+    def __init__(self, out: Path, data: dict, readonly: bool = False):
+        self.out, self.data, self.readonly = Path(out), data, readonly
+        self.rank_suffix = ""  # data-parallel ranks keep one activation snapshot file each
 
     @property
     def dir(self) -> Path:
@@ -67,6 +68,8 @@ class Job:
         return job
 
     def save(self, hook=None) -> None:
+        if self.readonly:  # ranks other than 0 follow the state in memory; rank 0 writes it
+            return
         write_atomic(self.dir / STATE_FILE, (json.dumps(self.data, indent=1, sort_keys=True) + "\n").encode(), hook)
 
     @property
@@ -86,22 +89,20 @@ class Job:
         self.save(hook)
 
     def snapshot_path(self, after_block: int) -> Path:
-        return self.dir / f"activations-after-block-{after_block:05d}.bin"
+        return self.dir / f"activations-after-block-{after_block:05d}{self.rank_suffix}.bin"
 
     def set_snapshot(self, after_block: int, meta: dict, hook=None) -> None:
         old = self.data.get("snapshot")
         self.data["snapshot"] = dict(meta, after_block=after_block)
         self.save(hook)
-        if old and old["after_block"] != after_block:
-            self.snapshot_path(old["after_block"]).unlink(missing_ok=True)
+        if old and old["after_block"] != after_block and not self.readonly:
+            for f in self.dir.glob(f"activations-after-block-{old['after_block']:05d}*.bin"):
+                f.unlink()
 
     def finish(self, hook=None) -> None:
-        old = self.data.get("snapshot")
         self.data["snapshot"] = None
         self.data["complete"] = True
         self.save(hook)
-        if old:
-            self.snapshot_path(old["after_block"]).unlink(missing_ok=True)
         for leftover in self.dir.glob("*.bin"):
             leftover.unlink()
 

@@ -233,11 +233,16 @@ class ChannelMoments:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        self.accumulate(*self.contribution(x))
+
+    @staticmethod
+    def contribution(x: torch.Tensor):
+        """One batch's part: (samples, tokens, mean, variance, sum over tokens); `accumulate` merges it."""
         b = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
-        t = x.shape[0]
-        mean = x.mean(0)
-        var = x.var(0, unbiased=False)
+        return b, x.shape[0], x.mean(0), x.var(0, unbiased=False), x.sum(0)
+
+    def accumulate(self, b: int, t: int, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
         if self.ntokens == 0:
             self.mean, self.var = mean, var
         else:
@@ -246,7 +251,7 @@ class ChannelMoments:
         self.ntokens += t
         self.sum_mean *= self.nsamples / (self.nsamples + b)
         self.nsamples += b
-        self.sum_mean += x.sum(0) / self.nsamples
+        self.sum_mean += total / self.nsamples
 
     def hook(self, module, args, output) -> None:
         self.add(args[0])

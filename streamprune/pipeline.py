@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .activations import TIERS, make_store
 from .calibration import calibration_windows
+from .distributed import Dist
 from .errors import Interrupted, StreamPruneError
 from .job import Job, diff
 from .memory import MemoryMonitor, Timers, human_bytes, return_freed_memory_to_os
@@ -143,8 +144,10 @@ class _Faults:
     """Test hook: STREAMPRUNE_FAULT_AT=event:k sends STREAMPRUNE_FAULT_SIGNAL (default KILL) to this process
     at the k-th occurrence of a named point, so tests kill a real job at an exact place."""
 
-    def __init__(self):
+    def __init__(self, rank: int = 0):
         spec = os.environ.get("STREAMPRUNE_FAULT_AT")
+        if os.environ.get("STREAMPRUNE_FAULT_RANK", str(rank)) != str(rank):
+            spec = None  # STREAMPRUNE_FAULT_RANK=r: only rank r is hit
         self.event, self.k = (spec.rsplit(":", 1)[0], int(spec.rsplit(":", 1)[1])) if spec else (None, 0)
         self.sig = getattr(signal, "SIG" + os.environ.get("STREAMPRUNE_FAULT_SIGNAL", "KILL"))
         self.seen = 0
@@ -168,12 +171,20 @@ class PruneJob:
         return_freed_memory_to_os()
         self.model_dir, self.out, self.opts = Path(model), Path(out), opts
         self.log = log or (lambda msg: tqdm.write(msg, file=__import__("sys").stderr))
-        self.faults = _Faults()
+        self.faults = _Faults(int(os.environ.get("RANK", "0")))
         self.timers = Timers()
         self._validate_options()
         check_paths(self.model_dir, self.out)
         check_out_usable(self.out, opts.overwrite)
         self.device = resolve_device(opts.device)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ and opts.device in ("auto", "cuda"):
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per rank under torchrun
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dist = Dist.from_env(self.device)
+        if not self.dist.main:
+            self.log = lambda msg: None
+            opts.progress = False
         self.gpu_limit = parse_size(opts.gpu_memory_limit)
         if self.gpu_limit and self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -200,6 +211,14 @@ class PruneJob:
             vocab = text.vocab_size
             self.windows = calibration_windows(opts.calib, self.model_dir, opts.nsamples, opts.seqlen, opts.seed, vocab)
         self.total_shards = len(self.blocks) + 1
+        n, b = opts.nsamples, opts.batch_size
+        self.batches = [(j, min(n, j + b)) for j in range(0, n, b)]  # global, in calibration order
+        self.local_batches = self.dist.share(self.batches)           # this rank's contiguous share
+        if self.dist.enabled and not self.local_batches:
+            raise StreamPruneError(f"{self.dist.world} ranks but only {len(self.batches)} calibration batches; "
+                                   f"use fewer ranks or more --nsamples")
+        self.local_base = self.local_batches[0][0] if self.local_batches else 0
+        self.local_n = sum(j1 - j0 for j0, j1 in self.local_batches)
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         self.hidden = text.hidden_size
 
@@ -281,7 +300,7 @@ class PruneJob:
         o = self.opts
         options = {k: getattr(o, k) for k in PruneOptions.RESULT_KEYS}
         options.update(dtype=str(self.dtype).replace("torch.", ""), structure=str(self.structure),
-                       device_type=self.device.type)
+                       device_type=self.device.type, ranks=self.dist.world)
         fp = {
             "checkpoint": self.ckpt.fingerprint(),
             "config_sha256": hashlib.sha256((self.model_dir / "config.json").read_bytes()).hexdigest(),
@@ -346,12 +365,14 @@ class PruneJob:
         t0 = self.t0
         with _Signals() as sigs, MemoryMonitor(device=self.device) as mon:
             self.signals = sigs
-            job, resumed = self.open_job()
+            data, resumed = self.dist.agree(lambda: (lambda j, r: (j.data, r))(*self.open_job()))
+            job = Job(self.out, data, readonly=not self.dist.main)
+            job.rank_suffix = f".rank{self.dist.rank}" if self.dist.enabled else ""
             if job.data["complete"] and (self.out / "model.safetensors.index.json").is_file():
                 self.log(f"{self.out}: job already complete; nothing to do")
                 return self._summary(job, mon, time.perf_counter() - t0, resumed=True)
             plan = self._plan()
-            self._check_disk(job, plan)
+            self.dist.agree(lambda: self._check_disk(job, plan))
             try:
                 self._run(job, resumed, plan)
             except torch.cuda.OutOfMemoryError:
@@ -393,9 +414,12 @@ class PruneJob:
         self.tier = plan.tier
         self.row_chunk = plan.row_chunk
         n_blocks = len(self.blocks)
-        start = self._verify_committed(job) if resumed else 0
+        if resumed:
+            start, job.data = self.dist.agree(lambda: (self._verify_committed(job), job.data))
+        else:
+            start = 0
         other = shard_name(0, self.total_shards)
-        if other not in job.data["files"]:
+        if other not in job.data["files"] and self.dist.main:
             with self.timers("write"):
                 tensors = {n: self.ckpt.read(n) for n in self.other_tensor_names()}
                 job.commit_file(other, write_shard(self.out / other, tensors, self.faults))
@@ -426,7 +450,7 @@ class PruneJob:
         bar = tqdm(total=n_blocks, initial=start, desc="blocks", unit="block", disable=not opts.progress, dynamic_ncols=True)
         try:
             for i in range(start, n_blocks):
-                if self.signals.received:
+                if self._stopping():
                     break
                 self.faults("block_start")
                 t_block = time.perf_counter()
@@ -442,7 +466,9 @@ class PruneJob:
                 except _Stop:
                     release(block)
                     break
-                tensors = self._block_tensors(i, block, originals, record.pop("masks"))
+                masks = record.pop("masks")
+                tensors = self._block_tensors(i, block, originals, masks) if self.dist.main else None
+                del masks
                 release(block)
                 del originals
                 snapshot = self._maybe_snapshot(job, i, outs)
@@ -450,7 +476,12 @@ class PruneJob:
                     self._commit(job, *pending)
                     pending = None
                 name = shard_name(i + 1, self.total_shards)
-                fut = pool.submit(self._timed_write, name, tensors) if pool is not None else _Done(self._timed_write(name, tensors))
+                if not self.dist.main:
+                    fut = _Done((None, 0.0))  # rank 0 writes
+                elif pool is not None:
+                    fut = pool.submit(self._timed_write, name, tensors)
+                else:
+                    fut = _Done(self._timed_write(name, tensors))
                 del tensors
                 pending = (i, fut, dict(record, file=name), time.perf_counter() - t_block, snapshot)
                 if self.needs_data:
@@ -460,7 +491,7 @@ class PruneJob:
             if pending is not None:
                 self._commit(job, *pending)
                 pending = None
-            if self.signals.received:
+            if self.signals.received or self._stopping():
                 self._save_inputs_on_stop(job, inps)
         finally:
             bar.close()
@@ -476,10 +507,18 @@ class PruneJob:
             for store in (inps, outs):
                 if store is not None:
                     store.close()
-        if self.signals.received:
-            raise Interrupted(f"{self.signals.received}: stopped with {job.committed} of {n_blocks} blocks committed; "
-                              f"continue with `streamprune resume {self.out}`", self.signals.signum)
-        self._publish(job)
+        if self.stopped:
+            raise Interrupted(f"{self.signals.received or 'SIGTERM'}: stopped with {job.committed} of {n_blocks} blocks committed; "
+                              f"continue with `streamprune resume {self.out}`", getattr(self.signals, "signum", 15))
+        if self.dist.main:
+            self._publish(job)
+        self.dist.barrier()
+
+    def _stopping(self) -> bool:
+        """Has a stop been requested (on any rank)? A collective when distributed: call it at the same points
+        on every rank."""
+        self.stopped = getattr(self, "stopped", False) or self.dist.any(self.signals.received is not None)
+        return self.stopped
 
     def _save_inputs_on_stop(self, job: Job, inps) -> None:
         """On a signal, keep the next block's inputs so the resume needs no recomputation."""
@@ -495,6 +534,7 @@ class PruneJob:
         return meta, time.perf_counter() - t
 
     def _commit(self, job: Job, i: int, fut, record: dict, seconds: float, snapshot) -> None:
+        """Record block i as committed once its shard is on disk (rank 0 saves; other ranks keep count)."""
         meta, write_seconds = fut.result()
         self.timers.seconds["write"] += write_seconds
         job.commit_file(record["file"], meta)
@@ -502,9 +542,10 @@ class PruneJob:
         if snapshot is not None:
             job.data["snapshot"] = snapshot
         job.commit_block(i, record, seconds, self.faults)
-        if snapshot is not None:
+        if snapshot is not None and self.dist.main:
+            keep = f"activations-after-block-{snapshot['after_block']:05d}"
             for old in job.dir.glob("activations-after-block-*.bin"):
-                if old.name != job.snapshot_path(snapshot["after_block"]).name:
+                if not old.name.startswith(keep):
                     old.unlink()
 
     def _publish(self, job: Job) -> None:
@@ -563,20 +604,20 @@ class PruneJob:
             out[name] = t
         return out
 
-    def _batches(self):
-        n, b = self.opts.nsamples, self.opts.batch_size
-        return [(j, min(n, j + b)) for j in range(0, n, b)]
-
     @torch.no_grad()
     def _forward_all(self, block, i: int, inps, outs, kwargs, desc: str) -> None:
-        for j0, j1 in tqdm(self._batches(), desc=f"block {i} {desc}", leave=False, disable=not self.opts.progress):
-            if self.signals.received:
+        """Run this rank's calibration batches through `block` (outputs to `outs` unless None)."""
+        if self._stopping():
+            raise _Stop
+        base = self.local_base
+        for j0, j1 in tqdm(self.local_batches, desc=f"block {i} {desc}", leave=False, disable=not self.opts.progress):
+            if not self.dist.enabled and self.signals.received:  # single process: stop within the pass too
                 raise _Stop
             self.faults(desc)
-            h = inps.read(j0, j1, self.device)
+            h = inps.read(j0 - base, j1 - base, self.device)
             y = block_output(block, h, kwargs[j1 - j0][i])
             if outs is not None:
-                outs.write(j0, y)
+                outs.write(j0 - base, y)
 
     def _prune_block(self, i: int, block, inps, outs, kwargs) -> dict:
         """Statistics pass on the dense block, masks (and weight updates) per linear, propagation pass."""
@@ -585,11 +626,13 @@ class PruneJob:
         if self.needs_data:
             with self.timers("statistics", self.device):
                 stats = BlockStatistics(block, moments=self.opts.refine == "dsnot",
-                                        hessians=self.opts.method == "sparsegpt")
+                                        hessians=self.opts.method == "sparsegpt", record=self.dist.enabled)
                 try:
                     self._forward_all(block, i, inps, None, kwargs, "statistics")
                 finally:
                     stats.remove()
+                if self.dist.enabled:
+                    stats.reduce(self.dist)
         sparsity = self.block_sparsity(i)
         masks, per_linear = {}, {}
         with self.timers("prune", self.device):
@@ -632,8 +675,8 @@ class PruneJob:
     # ------------------------------------------------------------------ activations and resume
 
     def _new_store(self, tag: str):
-        return make_store(self.tier, self.opts.nsamples, self.opts.seqlen, self.hidden, self.dtype, self.device,
-                          Job(self.out, {}).dir / f"cache-{tag}.bin")
+        return make_store(self.tier, self.local_n, self.opts.seqlen, self.hidden, self.dtype, self.device,
+                          Job(self.out, {}).dir / f"cache-{tag}-rank{self.dist.rank}.bin")
 
     def _capture(self, only_kwargs: bool):
         """Block-0 inputs (and every block's call arguments) from the model's own forward."""
@@ -642,7 +685,7 @@ class PruneJob:
         with self.timers("capture", self.device):
             materialize(self.skeleton, "", self.ckpt, self.device, self.dtype,
                         skip=lambda n: n.startswith(prefix) or n in skip)
-            batches = [self.windows[j0:j1] for j0, j1 in self._batches()]
+            batches = [self.windows[j0:j1] for j0, j1 in self.local_batches]
             if only_kwargs:
                 batches = list({b.shape[0]: b for b in batches}.values())
             try:
@@ -658,6 +701,7 @@ class PruneJob:
         inps, outs = self._new_store("a"), self._new_store("b")
         snap = job.data.get("snapshot")
         usable = snap is not None and snap["after_block"] < start and job.snapshot_path(snap["after_block"]).is_file()
+        usable = not self.dist.any(not usable)  # every rank needs its own file
         captured = self._capture(only_kwargs=usable)
         kwargs = captured.kwargs
         if usable:
@@ -667,8 +711,8 @@ class PruneJob:
             self.log(f"resume: loaded the activations saved after block {snap['after_block']} "
                      f"({human_bytes(snap['size'])}) in {time.perf_counter() - t:.1f}s")
         else:
-            for (j0, _), h in zip(self._batches(), captured.inputs):
-                inps.write(j0, h)
+            for (j0, _), h in zip(self.local_batches, captured.inputs):
+                inps.write(j0 - self.local_base, h)
             first = 0
         del captured
         if first < start:
@@ -693,18 +737,20 @@ class PruneJob:
         inps, outs = self._new_store("a"), self._new_store("b")
         try:
             captured = self._capture(only_kwargs=False)
-            for (j0, _), h in zip(self._batches(), captured.inputs):
-                inps.write(j0, h)
+            for (j0, _), h in zip(self.local_batches, captured.inputs):
+                inps.write(j0 - self.local_base, h)
             kwargs = captured.kwargs
             del captured
             ratios = []
             for i in tqdm(range(len(self.blocks)), desc="owl sweep", unit="block", disable=not self.opts.progress):
                 block, _ = self._materialize(i, self._read_block(i))
-                stats = InputStats(block)
+                stats = InputStats(block, record=self.dist.enabled)
                 try:
                     self._forward_all(block, i, inps, outs, kwargs, "owl")
                 finally:
                     stats.remove()
+                if self.dist.enabled:
+                    stats.reduce(self.dist)
                 ratios.append(owl_outlier_ratio([(m.weight, stats.scaler[n]) for n, m in stats.linears.items()],
                                                 hyper_m=self.opts.owl_m, row_chunk=self.row_chunk))
                 release(block)
@@ -731,18 +777,21 @@ class PruneJob:
         t = time.perf_counter()
         path = job.snapshot_path(i)
         with _Atomic(path, self.faults) as f:
-            for j0, j1 in self._batches():
+            for j0, j1 in self.local_batches:
+                j0, j1 = j0 - self.local_base, j1 - self.local_base
                 f.write(memoryview(store.read(j0, j1, "cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.dist.barrier()  # every rank's file is on disk before rank 0 records the snapshot
         self.timers.seconds["snapshot"] += time.perf_counter() - t
         return {"after_block": i, "size": path.stat().st_size}
 
     def _load_snapshot(self, path: Path, store) -> None:
         hidden = self.hidden
         row = self.opts.seqlen * hidden * itemsize(self.dtype)
-        if path.stat().st_size != row * self.opts.nsamples:
+        if path.stat().st_size != row * self.local_n:
             raise StreamPruneError(f"{path}: activation snapshot has the wrong size; use --restart")
         with open(path, "rb") as f:
-            for j0, j1 in self._batches():
+            for j0, j1 in self.local_batches:
+                j0, j1 = j0 - self.local_base, j1 - self.local_base
                 buf = torch.empty((j1 - j0) * row, dtype=torch.uint8)
                 f.readinto(memoryview(buf.numpy()))
                 store.write(j0, buf.view(self.dtype).reshape(j1 - j0, self.opts.seqlen, hidden))
@@ -762,6 +811,7 @@ class PruneJob:
             "worst_block": {"index": worst, "sparsity": sp[worst]} if worst is not None else None,
             "wall_seconds": seconds, "device": str(self.device), "compute_dtype": str(self.dtype).replace("torch.", ""),
             "activations": getattr(self, "tier", None), "nsamples": self.opts.nsamples, "seqlen": self.opts.seqlen,
+            "ranks": self.dist.world, "rank": self.dist.rank,
             "phase_seconds": {k: round(v, 4) for k, v in sorted(self.timers.seconds.items())},
             "block_sparsity": [sp[k] for k in sorted(sp)],
         }
@@ -773,19 +823,42 @@ class PruneJob:
 
 class BlockStatistics(InputStats):
     """Wanda's per-channel statistics for every linear of a block, plus what the chosen method needs:
-    DSnoT's channel moments and SparseGPT's Hessians, all from the same dense pass."""
+    DSnoT's channel moments and SparseGPT's Hessians, all from the same dense pass.
 
-    def __init__(self, block, moments: bool = False, hessians: bool = False):
-        super().__init__(block)
-        self.moments, self.hessians = {}, {}
+    Data-parallel (`record`): channel statistics are replayed in global batch order (exact); Hessians are
+    combined as the sample-weighted sum of every rank's running mean (float32 rounding differs slightly)."""
+
+    def __init__(self, block, moments: bool = False, hessians: bool = False, record: bool = False):
+        super().__init__(block, record)
+        self.moments, self.hessians, self.moment_records = {}, {}, {}
         for name, lin in self.linears.items():
             dev = lin.weight.device
             if moments:
                 self.moments[name] = ChannelMoments(lin.in_features, dev)
-                self.handles.append(lin.register_forward_hook(self.moments[name].hook))
+                if record:
+                    self.moment_records[name] = []
+                    hook = (lambda n: lambda mod, args, out: self.moment_records[n].append(
+                        tuple(v.cpu() if torch.is_tensor(v) else v for v in ChannelMoments.contribution(args[0]))))(name)
+                else:
+                    hook = self.moments[name].hook
+                self.handles.append(lin.register_forward_hook(hook))
             if hessians:
                 self.hessians[name] = HessianStats(lin.in_features, dev)
                 self.handles.append(lin.register_forward_hook(self.hessians[name].hook))
+
+    def reduce(self, dist) -> None:
+        super().reduce(dist)
+        for records in dist.gather(self.moment_records):
+            for name, items in records.items():
+                dev = self.moments[name].mean.device
+                for b, t, *vecs in items:
+                    self.moments[name].accumulate(b, t, *(v.to(dev) for v in vecs))
+        for hs in self.hessians.values():
+            n = hs.nsamples
+            hs.H *= n
+            dist.sum_(hs.H)
+            hs.nsamples = sum(dist.gather(n))
+            hs.H /= hs.nsamples
 
 
 class _Stop(Exception):

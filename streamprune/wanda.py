@@ -42,13 +42,18 @@ class Structure:
 
 
 class InputStats:
-    """Forward hooks on every nn.Linear of a block: running float32 mean of squared input norms."""
+    """Forward hooks on every nn.Linear of a block: running float32 mean of squared input norms.
 
-    def __init__(self, block: nn.Module):
+    With `record=True` (data-parallel runs) each batch's contribution is kept instead and `reduce` replays every
+    rank's contributions in the global batch order: the same float32 operations as a single process.
+    """
+
+    def __init__(self, block: nn.Module, record: bool = False):
         self.linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         self.scaler = {n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
                        for n, m in self.linears.items()}
         self.count = {n: 0 for n in self.linears}
+        self.records = {n: [] for n in self.linears} if record else None
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
 
     def _hook(self, name):
@@ -56,12 +61,27 @@ class InputStats:
             x = args[0]
             b = x.shape[0] if x.dim() == 3 else 1
             x = x.reshape(-1, x.shape[-1]).t().float()
-            s, n = self.scaler[name], self.count[name]
-            s *= n / (n + b)
-            n += b
-            s += torch.norm(x, p=2, dim=1) ** 2 / n
-            self.count[name] = n
+            sq = torch.norm(x, p=2, dim=1) ** 2
+            if self.records is not None:
+                self.records[name].append((b, sq.cpu()))
+            else:
+                self._add(name, b, sq)
         return hook
+
+    def _add(self, name: str, b: int, sq: torch.Tensor) -> None:
+        s, n = self.scaler[name], self.count[name]
+        s *= n / (n + b)
+        n += b
+        s += sq / n
+        self.count[name] = n
+
+    def reduce(self, dist) -> None:
+        """Replay all ranks' recorded batches (rank order = global batch order)."""
+        for records in dist.gather(self.records):
+            for name, items in records.items():
+                for b, sq in items:
+                    self._add(name, b, sq.to(self.scaler[name].device))
+        self.records = {n: [] for n in self.linears}
 
     def remove(self) -> None:
         for h in self.handles:
