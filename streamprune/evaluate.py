@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import StreamPruneError
 from .memory import MemoryMonitor, return_freed_memory_to_os
-from .model import block_output, build_skeleton, capture, find_blocks, load_config, materialize, release, set_tensor
+from .model import StreamedModel, block_output, capture, load_config, materialize, release
 from .pipeline import DTYPES, context_length, resolve_device
 from .shards import Checkpoint
 
@@ -71,38 +71,8 @@ class _PassThrough(nn.Module):
         return hidden_states if self.final is None else self.final["hidden"]
 
 
-class _StreamedModel:
-    """The meta skeleton of a checkpoint with the means to run it one block at a time."""
-
-    def __init__(self, config, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
-        self.skeleton = build_skeleton(config)
-        self.blocks_name, self.blocks = find_blocks(self.skeleton, config)
-        self.ckpt, self.device, self.dtype = ckpt, device, dtype
-        head = self.skeleton.get_output_embeddings()
-        self.head_prefix = next(n for n, m in self.skeleton.named_modules() if m is head) + "."
-        # the model's own decision, taken before any parameter is replaced: a tied skeleton shares the Parameter
-        self.tied = head.weight is self.skeleton.get_input_embeddings().weight
-
-    def _outside(self, name: str) -> bool:
-        return not name.startswith(self.blocks_name + ".")
-
-    def materialize_outside(self, with_head: bool) -> None:
-        """Assign the non-block parameters (embeddings, final norm, ...); the output embeddings only if asked."""
-        materialize(self.skeleton, "", self.ckpt, self.device, self.dtype,
-                    skip=lambda n: not self._outside(n) or n.startswith(self.head_prefix))
-        if not with_head:
-            return
-        head = self.skeleton.get_output_embeddings()
-        if self.tied:
-            set_tensor(head, "weight", self.skeleton.get_input_embeddings().weight)
-        else:
-            materialize(head, self.head_prefix, self.ckpt, self.device, self.dtype)
-
-    def release_outside(self) -> None:
-        """Back to meta; every alias of a tied parameter included (named_parameters would list it once)."""
-        for name, p in list(self.skeleton.named_parameters(remove_duplicate=False)):
-            if self._outside(name):
-                set_tensor(self.skeleton, name, torch.empty(p.shape, device="meta"))
+class _Evaluator(StreamedModel):
+    """The streamed model plus what perplexity needs: a host buffer of hidden states and the model's own head."""
 
     @torch.no_grad()
     def capture_inputs(self, ids: torch.Tensor, batches: list) -> tuple[torch.Tensor, dict]:
@@ -204,7 +174,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
     ckpt = Checkpoint(model_dir)
     compute = DTYPES[dtype] if isinstance(dtype, str) else dtype or (ckpt.dtype if dev.type == "cuda" else torch.float32)
     with MemoryMonitor(device=dev) as mon:
-        model = _StreamedModel(config, ckpt, dev, compute)
+        model = _Evaluator(config, ckpt, dev, compute)
         n = data.shape[0]
         batches = [(j, min(n, j + batch_size)) for j in range(0, n, batch_size)]
         hidden, kwargs = model.capture_inputs(data, batches)

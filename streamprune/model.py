@@ -221,6 +221,53 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
     return out
 
 
+class StreamedModel:
+    """A checkpoint's model code without its weights: the meta skeleton, its decoder blocks, and the means to
+    assign the non-block parameters (embeddings, final norm, optionally the output head) for one step and drop
+    them again. Shared by the prune job and the streamed evaluation."""
+
+    def __init__(self, config, ckpt: Checkpoint, device, dtype, attn_implementation: str = "sdpa"):
+        self.skeleton = build_skeleton(config, attn_implementation)
+        self.blocks_name, self.blocks = find_blocks(self.skeleton, config)
+        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+        head = self.skeleton.get_output_embeddings()
+        self.head_prefix = next(n for n, m in self.skeleton.named_modules() if m is head) + "." if head is not None else None
+        # the model's own decision, taken before any parameter is replaced: a tied skeleton shares the Parameter
+        self.tied = head is not None and head.weight is self.skeleton.get_input_embeddings().weight
+
+    def outside(self, name: str) -> bool:
+        return not name.startswith(self.blocks_name + ".")
+
+    def in_head(self, name: str) -> bool:
+        return self.head_prefix is not None and name.startswith(self.head_prefix)
+
+    def materialize_outside(self, with_head: bool) -> None:
+        """Assign the non-block parameters; the output embeddings only if asked (tied: the input embedding)."""
+        materialize(self.skeleton, "", self.ckpt, self.device, self.dtype,
+                    skip=lambda n: not self.outside(n) or self.in_head(n))
+        if not with_head or self.head_prefix is None:
+            return
+        head = self.skeleton.get_output_embeddings()
+        if self.tied:
+            set_tensor(head, "weight", self.skeleton.get_input_embeddings().weight)
+        else:
+            materialize(head, self.head_prefix, self.ckpt, self.device, self.dtype)
+
+    def release_outside(self) -> None:
+        """Back to meta; every alias of a tied parameter included (named_parameters would list it once)."""
+        for name, p in list(self.skeleton.named_parameters(remove_duplicate=False)):
+            if self.outside(name):
+                set_tensor(self.skeleton, name, torch.empty(p.shape, device="meta"))
+
+    def capture(self, batches) -> Captured:
+        """Block-0 inputs and every block's call kwargs for these batches of token ids (see `capture`)."""
+        self.materialize_outside(with_head=False)
+        try:
+            return capture(self.skeleton, self.blocks, batches, self.device)
+        finally:
+            self.release_outside()
+
+
 def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -26,8 +26,7 @@ from .distributed import Dist
 from .errors import Interrupted, StreamPruneError
 from .job import Job, diff
 from .memory import MemoryMonitor, Timers, human_bytes, return_freed_memory_to_os
-from .model import (block_output, build_skeleton, capture, checkpoint_names, find_blocks, load_config, materialize,
-                    release)
+from .model import StreamedModel, block_output, checkpoint_names, load_config, release, set_tensor
 from .plan import block_shape, itemsize, make_plan, parse_size
 from .shards import Checkpoint
 from .methods import ChannelMoments, HessianStats, dsnot_refine, owl_outlier_ratio, owl_sparsities, ria_mask, sparsegpt_prune
@@ -190,11 +189,11 @@ class PruneJob:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.gpu_limit / total), self.device)
         self.config = load_config(self.model_dir)
-        self.skeleton = build_skeleton(self.config, opts.attn_implementation)
-        self.blocks_name, self.blocks = find_blocks(self.skeleton, self.config)
         self.ckpt = Checkpoint(self.model_dir)
         self.ckpt_dtype = self.ckpt.dtype
         self.dtype = DTYPES[opts.dtype] if opts.dtype else (self.ckpt_dtype if self.device.type == "cuda" else torch.float32)
+        self.model = StreamedModel(self.config, self.ckpt, self.device, self.dtype, opts.attn_implementation)
+        self.skeleton, self.blocks_name, self.blocks = self.model.skeleton, self.model.blocks_name, self.model.blocks
         self.structure = Structure.parse(opts.structure)
         self._check_tensors()
         self.needs_data = opts.method != "magnitude"
@@ -273,11 +272,7 @@ class PruneJob:
             check_prunable(lin.in_features, self.structure)
 
     def _output_embedding_names(self) -> set:
-        head = self.skeleton.get_output_embeddings()
-        if head is None:
-            return set()
-        prefix = next(n for n, m in self.skeleton.named_modules() if m is head)
-        return {f"{prefix}.{n}" for n, _ in head.named_parameters()}
+        return {n for n in checkpoint_names(self.skeleton) if self.model.in_head(n)}
 
     def block_prefix(self, i: int) -> str:
         return f"{self.blocks_name}.{i}."
@@ -410,7 +405,7 @@ class PruneJob:
                                    f"(pruned shards plus activation cache plus margin), {human_bytes(free)} is free")
 
     def _run(self, job: Job, resumed: bool, plan) -> None:
-        opts, dev = self.opts, self.device
+        opts = self.opts
         self.tier = plan.tier
         self.row_chunk = plan.row_chunk
         n_blocks = len(self.blocks)
@@ -569,12 +564,10 @@ class PruneJob:
         wide = {torch.float32: 2, torch.float64: 3, torch.bfloat16: 1, torch.float16: 1}
         return self.dtype == self.ckpt_dtype or wide.get(self.dtype, 0) > wide.get(self.ckpt_dtype, 9)
 
-    def _materialize(self, i: int, host: dict, ckpt: Checkpoint | None = None):
+    def _materialize(self, i: int, host: dict):
         """Assign block i's tensors (cast to the compute dtype, on the device). Returns (block, originals):
         originals are the checkpoint-dtype host tensors, kept only when the compute copy cannot give them back."""
         block, prefix = self.blocks[i], self.block_prefix(i)
-        from .model import set_tensor
-
         originals = {}
         keep = not self._exact_roundtrip()
         for local in checkpoint_names(block):
@@ -680,21 +673,11 @@ class PruneJob:
 
     def _capture(self, only_kwargs: bool):
         """Block-0 inputs (and every block's call arguments) from the model's own forward."""
-        skip = self._output_embedding_names()
-        prefix = self.blocks_name + "."
         with self.timers("capture", self.device):
-            materialize(self.skeleton, "", self.ckpt, self.device, self.dtype,
-                        skip=lambda n: n.startswith(prefix) or n in skip)
             batches = [self.windows[j0:j1] for j0, j1 in self.local_batches]
             if only_kwargs:
                 batches = list({b.shape[0]: b for b in batches}.values())
-            try:
-                captured = capture(self.skeleton, self.blocks, batches, self.device)
-            finally:
-                for name, _ in list(self.skeleton.named_parameters()):
-                    if not name.startswith(prefix):
-                        from .model import set_tensor
-                        set_tensor(self.skeleton, name, torch.empty(self.skeleton.get_parameter(name).shape, device="meta"))
+            captured = self.model.capture(batches)
         return captured
 
     def _prepare_activations(self, job: Job, start: int):
