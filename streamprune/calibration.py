@@ -15,17 +15,23 @@ import torch
 from .errors import StreamPruneError
 
 
-def read_calibration(path: str | Path) -> tuple[str | None, list[list[int]] | None]:
-    """(text, None) for text input, (None, windows) for JSONL input_ids."""
-    path = Path(path)
+def read_text(path: Path, flag: str) -> str:
+    """The file's text, or one clear error naming the option it came from."""
     if not path.is_file():
-        raise StreamPruneError(f"--calib {path}: no such file")
+        raise StreamPruneError(f"{flag} {path}: no such file")
     try:
         raw = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise StreamPruneError(f"--calib {path}: not UTF-8 text (byte {e.start})") from None
+        raise StreamPruneError(f"{flag} {path}: not UTF-8 text (byte {e.start})") from None
     if not raw.strip():
-        raise StreamPruneError(f"--calib {path}: the file is empty")
+        raise StreamPruneError(f"{flag} {path}: the file is empty")
+    return raw
+
+
+def read_calibration(path: str | Path) -> tuple[str | None, list[list[int]] | None]:
+    """(text, None) for text input, (None, windows) for JSONL input_ids."""
+    path = Path(path)
+    raw = read_text(path, "--calib")
     if path.suffix not in (".jsonl", ".json"):
         return raw, None
     texts, windows = [], []
@@ -72,11 +78,13 @@ def calibration_windows(path, tokenizer_dir: Path | None, nsamples: int, seqlen:
     return ids
 
 
-def tokenize(text: str, tokenizer_dir: Path | None) -> torch.Tensor:
+def tokenize(text: str, tokenizer_dir: Path | None,
+             hint: str = "; give --calib as JSONL with \"input_ids\"") -> torch.Tensor:
+    """The whole text as one id stream, without special tokens."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError, TypeError):
-        raise StreamPruneError(f"{tokenizer_dir}: no usable tokenizer files; give --calib as JSONL with \"input_ids\"") from None
-    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        raise StreamPruneError(f"{tokenizer_dir}: no usable tokenizer files{hint}") from None
+    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)

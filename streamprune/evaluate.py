@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import read_text, tokenize
 from .errors import StreamPruneError
 from .memory import MemoryMonitor, return_freed_memory_to_os
 from .model import StreamedModel, block_output, capture, load_config, materialize, release
@@ -32,20 +33,8 @@ from .shards import Checkpoint
 
 def read_token_stream(text_file: str | os.PathLike, model_dir: Path) -> torch.Tensor:
     """The whole file, as is, tokenized once with the model's tokenizer (no special tokens): a 1-D id tensor."""
-    from transformers import AutoTokenizer
-
     path = Path(text_file)
-    if not path.is_file():
-        raise StreamPruneError(f"{path}: no such text file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise StreamPruneError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        raise StreamPruneError(f"{model_dir}: no usable tokenizer files to tokenize {path}") from None
-    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    return tokenize(read_text(path, "--text"), model_dir, hint=f" to tokenize {path}")
 
 
 def make_windows(stream: torch.Tensor, seqlen: int, windows: int | None, source: str) -> torch.Tensor:

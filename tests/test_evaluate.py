@@ -48,7 +48,7 @@ def test_first_windows_and_default_seqlen(tiny_models):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(text_file="missing.txt"), "no such text file"),
+    (dict(text_file="missing.txt"), "--text .*missing.txt: no such file"),
     (dict(ids=stream(20), seqlen=32), "too short for one window"),
     (dict(ids=stream(2000), seqlen=512), "beyond the model's context"),
     (dict(ids=stream(100), seqlen=32, windows=4), "--windows asks for 4"),
