@@ -373,14 +373,14 @@ class PruneJob:
             except torch.cuda.OutOfMemoryError:
                 raise StreamPruneError("CUDA out of memory: lower --batch-size, --seqlen or --nsamples, or keep "
                                        "activations off the GPU with --activations cpu (or disk)") from None
-            finally:
-                if self.gpu_limit and self.device.type == "cuda":
-                    torch.cuda.set_per_process_memory_fraction(1.0, self.device)  # the cap was this job's only
             except OSError as e:
                 if e.errno == 28:
                     raise StreamPruneError(f"no space left on device while writing to {self.out}; free space and run "
                                            f"`streamprune resume {self.out}` to continue") from None
                 raise
+            finally:
+                if self.gpu_limit and self.device.type == "cuda":
+                    torch.cuda.set_per_process_memory_fraction(1.0, self.device)  # the cap was this job's only
         return self._summary(job, mon, time.perf_counter() - t0, resumed=resumed, plan=plan)
 
     def _plan(self):
