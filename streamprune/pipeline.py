@@ -451,7 +451,7 @@ class PruneJob:
                 if self._stopping():
                     break
                 self.faults("block_start")
-                t_block = time.perf_counter()
+                t_block, phases_before = time.perf_counter(), dict(self.timers.seconds)
                 with self.timers("read"):
                     host = prefetch.result() if prefetch is not None else self._read_block(i)
                     prefetch = None
@@ -481,6 +481,8 @@ class PruneJob:
                 else:
                     fut = _Done(self._timed_write(name, tensors))
                 del tensors
+                record["phase_seconds"] = {k: round(v - phases_before.get(k, 0.0), 4)
+                                           for k, v in self.timers.seconds.items() if v - phases_before.get(k, 0.0) > 0}
                 pending = (i, fut, dict(record, file=name), time.perf_counter() - t_block, snapshot)
                 if self.needs_data:
                     inps, outs = outs, inps
@@ -535,6 +537,7 @@ class PruneJob:
         """Record block i as committed once its shard is on disk (rank 0 saves; other ranks keep count)."""
         meta, write_seconds = fut.result()
         self.timers.seconds["write"] += write_seconds
+        record["phase_seconds"]["write"] = round(write_seconds, 4)
         job.commit_file(record["file"], meta)
         job.data["block_sparsity"][str(i)] = record["sparsity"]
         if snapshot is not None:
@@ -800,6 +803,7 @@ class PruneJob:
             "ranks": self.dist.world, "rank": self.dist.rank,
             "phase_seconds": {k: round(v, 4) for k, v in sorted(self.timers.seconds.items())},
             "block_sparsity": [sp[k] for k in sorted(sp)],
+            "block_seconds": [job.data["blocks"][str(k)].get("phase_seconds", {}) for k in sorted(sp)],
         }
         out.update(mon.report())
         if plan is not None:
