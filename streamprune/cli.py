@@ -152,10 +152,16 @@ def resume(out, as_json, progress):
 
     if not Job.exists(Path(out)):
         raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
-    options = dict(Job.load(Path(out)).data["options"])
+    job = Job.load(Path(out))
+    ranks = job.data["fingerprint"]["options"].get("ranks", 1)
+    if ranks > 1 and "WORLD_SIZE" not in os.environ:
+        _torchrun(ranks)  # a data-parallel job continues with the same number of ranks
+    options = dict(job.data["options"])
     model = options.pop("model")
     options["progress"] = progress
-    _print_summary(run(model, out, **options), as_json)
+    summary = run(model, out, **options)
+    if summary.get("rank", 0) == 0:
+        _print_summary(summary, as_json)
 
 
 @main.command()

@@ -118,7 +118,7 @@ class _Signals:
     """SIGINT/SIGTERM set a flag; the job stops at the next safe point. A second SIGINT aborts at once."""
 
     def __init__(self):
-        self.received = None
+        self.received = self.signum = None
         self._old = {}
 
     def __enter__(self):
@@ -439,8 +439,8 @@ class PruneJob:
             try:
                 inps, outs, kwargs = self._prepare_activations(job, start)
             except _Stop:
-                raise Interrupted(f"{self.signals.received}: stopped before any new block; continue with "
-                                  f"`streamprune resume {self.out}`", self.signals.signum) from None
+                raise Interrupted(f"{self.signals.received or 'SIGTERM'}: stopped before any new block; continue with "
+                                  f"`streamprune resume {self.out}`", self.signals.signum or 15) from None
 
         pool = ThreadPoolExecutor(max_workers=2) if opts.overlap else None
         pending = None  # the block whose shard is being written: committed once the write has finished
@@ -491,7 +491,7 @@ class PruneJob:
             if pending is not None:
                 self._commit(job, *pending)
                 pending = None
-            if self.signals.received or self._stopping():
+            if self._stopping():  # unconditionally: a collective on every rank
                 self._save_inputs_on_stop(job, inps)
         finally:
             bar.close()
@@ -509,7 +509,7 @@ class PruneJob:
                     store.close()
         if self.stopped:
             raise Interrupted(f"{self.signals.received or 'SIGTERM'}: stopped with {job.committed} of {n_blocks} blocks committed; "
-                              f"continue with `streamprune resume {self.out}`", getattr(self.signals, "signum", 15))
+                              f"continue with `streamprune resume {self.out}`", self.signals.signum or 15)
         if self.dist.main:
             self._publish(job)
         self.dist.barrier()
@@ -745,8 +745,8 @@ class PruneJob:
                 release(block)
                 inps, outs = outs, inps
         except _Stop:
-            raise Interrupted(f"{self.signals.received}: stopped during the OWL sweep (it restarts on resume); "
-                              f"continue with `streamprune resume {self.out}`", self.signals.signum) from None
+            raise Interrupted(f"{self.signals.received or 'SIGTERM'}: stopped during the OWL sweep (it restarts on resume); "
+                              f"continue with `streamprune resume {self.out}`", self.signals.signum or 15) from None
         finally:
             inps.close()
             outs.close()

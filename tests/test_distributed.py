@@ -94,3 +94,21 @@ def test_distributed_resume_is_byte_identical(model, tmp_path):
     assert shards(tmp_path / "clean") == shards(tmp_path / "out")
     res = cli("prune", ckpt, tmp_path / "out", *args[:-4], "--snapshot-every", "1")  # one process: another job
     assert res.returncode == 2 and "ranks: 2 -> 1" in res.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_all_at_a_safe_point(model, tmp_path):
+    ckpt, calib = model
+    args = ["--calib", calib, "--nsamples", "7", "--seqlen", "32", "--no-progress", "--nproc", "2", "--snapshot-every", "0"]
+    clean = cli("prune", ckpt, tmp_path / "clean", *args)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    res = cli("prune", ckpt, tmp_path / "out", *args, env={"STREAMPRUNE_FAULT_AT": "propagate:5", "STREAMPRUNE_FAULT_RANK": "1",
+                                                           "STREAMPRUNE_FAULT_SIGNAL": "TERM", "STREAMPRUNE_DIST_TIMEOUT": "60"},
+              timeout=240)
+    assert res.returncode != 0
+    assert "streamprune resume" in res.stderr
+    st = json.loads(cli("status", tmp_path / "out", "--json").stdout)
+    assert 0 < st["blocks_done"] < 4 and st["snapshot_after_block"] == st["blocks_done"] - 1
+    res = cli("resume", tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shards(tmp_path / "clean") == shards(tmp_path / "out")
