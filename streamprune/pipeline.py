@@ -637,7 +637,7 @@ class PruneJob:
         with self.timers("prune", self.device):
             for name, lin in linears.items():
                 mask = self._prune_linear(name, lin.weight, stats, sparsity)
-                per_linear[name] = {"zeros": int(mask.sum()), "numel": mask.numel()}
+                per_linear[name] = {"zeros": int(mask.count_nonzero()), "numel": mask.numel()}
                 if not self._exact_roundtrip():  # only then are masks needed again, to zero the originals
                     masks[name + ".weight"] = mask
                 del mask
