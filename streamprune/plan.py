@@ -57,7 +57,7 @@ class Plan:
     block_bytes_compute: int        # one block in the compute dtype on the compute device
     activation_buffer_bytes: int    # one of the two buffers [nsamples/ranks, seqlen, hidden]
     forward_transient_bytes: int    # live set inside one block forward for one micro-batch
-    workspace_bytes: int            # metric + sort of one row chunk, plus one full mask of the largest linear
+    workspace_bytes: int            # prune phase of the largest linear: its mask + max(metric/sort chunk, mask count copy)
     row_chunk: int
     tier: str                       # where the activation buffers live: gpu, cpu or disk
     peak_gpu_bytes: int | None
@@ -73,6 +73,8 @@ class Plan:
 PROCESS_BASE = 450 * 1024 ** 2   # python + torch + transformers + the meta skeleton, measured here: 350-450 MiB
 CUDA_CONTEXT = 600 * 1024 ** 2   # CUDA context and kernels on the device, outside torch's allocator
 GPU_SLACK = 1.08                 # caching-allocator fragmentation
+MASK_COUNT_BYTES = 0             # counting a mask's zeros with count_nonzero() makes no copy (mask.sum() made an
+                                 # int64 one, measured 1.88 GB for an 8192 x 28672 mask, before the pipeline switched)
 
 
 def forward_transient(shape: BlockShape, seqlen: int, batch: int, itemsize: int, sdpa: bool = True) -> int:
@@ -97,7 +99,9 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
     transient = forward_transient(shape, seqlen, batch, compute_itemsize) if needs_activations else 0
     out_f, in_f = shape.largest_linear
     chunk = min(out_f, row_chunk(in_f))
-    workspace = chunk * in_f * BYTES_PER_METRIC_ELEMENT + out_f * in_f  # + the bool mask of the whole matrix
+    # the prune phase of the largest linear: its bool mask, plus either the metric + sort of one row chunk or the
+    # int64 copy of the mask that counting it with mask.sum() makes (whichever is larger; they are not live together)
+    workspace = max(chunk * in_f * BYTES_PER_METRIC_ELEMENT, MASK_COUNT_BYTES * out_f * in_f) + out_f * in_f
     io_blocks = 2 * block_ckpt  # one block read ahead, one being written
     micro = 2 * batch * seqlen * shape.hidden * compute_itemsize  # a micro-batch in and out on the device
 
@@ -119,7 +123,14 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         if gpu_free is not None and peak_gpu > gpu_free:
             reason = "one block and its forward do not fit the GPU; lower --seqlen or --batch-size"
     else:
-        fixed = PROCESS_BASE + block_compute + io_blocks + max(transient, workspace)
+        # measured phase by phase (benchmarks/memory_scaling.py --diagnose): the block in the compute dtype and the
+        # next block read ahead are live throughout; on top of them either the outgoing checkpoint-dtype copy (being
+        # built or written) plus a forward transient, or the prune workspace. Not both: the writer has finished the
+        # previous block long before the prune phase of the next. Without an exact round trip (compute dtype narrower
+        # than the checkpoint's) the original tensors and every linear's bool mask are kept as well.
+        exact = compute_itemsize >= ckpt_itemsize
+        kept = 0 if exact else block_ckpt + shape.params
+        fixed = PROCESS_BASE + block_compute + block_ckpt + kept + max(block_ckpt + transient, workspace)
         if tier in ("auto", "gpu"):
             tier = "cpu" if not needs_activations or fixed + 2 * act <= host_free * HOST_HEADROOM else "disk"
         peak_gpu = None
