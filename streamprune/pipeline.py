@@ -36,6 +36,7 @@ from .writer import _Atomic, copy_side_files, file_sha256, shard_name, write_ind
 METHODS = ("wanda", "magnitude", "ria", "sparsegpt")
 REFINES = (None, "dsnot")
 PROFILES = ("uniform", "owl")
+SNAPSHOT_READ_BPS = 500e6  # a conservative sequential read speed for choosing snapshot vs replay on resume
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -691,6 +692,14 @@ class PruneJob:
         snap = job.data.get("snapshot")
         usable = snap is not None and snap["after_block"] < start and job.snapshot_path(snap["after_block"]).is_file()
         usable = not self.dist.any(not usable)  # every rank needs its own file
+        if usable and start:
+            # choose by cost: read the snapshot and replay the blocks after it, or replay every committed block
+            fwd = self._forward_seconds(job, start)
+            via_snapshot = snap["size"] / SNAPSHOT_READ_BPS + (start - 1 - snap["after_block"]) * fwd
+            usable = via_snapshot <= start * fwd
+            self.log(f"resume: inputs of block {start} via the snapshot after block {snap['after_block']} "
+                     f"(est. {via_snapshot:.1f}s) or by replaying {start} blocks (est. {start * fwd:.1f}s): "
+                     f"{'snapshot' if usable else 'replay'}")
         captured = self._capture(only_kwargs=usable)
         kwargs = captured.kwargs
         if usable:
@@ -717,6 +726,12 @@ class PruneJob:
             self.log(f"resume: recomputed the inputs of block {start} through committed blocks {first}-{start - 1} "
                      f"({start - first} forward passes, {time.perf_counter() - t:.1f}s)")
         return inps, outs, kwargs
+
+    @staticmethod
+    def _forward_seconds(job: Job, start: int) -> float:
+        """Measured seconds of one propagation pass per block, from the committed blocks' records."""
+        times = [job.data["blocks"][str(i)].get("phase_seconds", {}).get("propagate", 0.0) for i in range(start)]
+        return sum(times) / len(times) if times else 0.0
 
     @torch.no_grad()
     def _owl_sweep(self) -> dict:
