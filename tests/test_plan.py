@@ -65,11 +65,16 @@ def test_cli_plan_text_and_json(config_dir):
     assert json.loads(res.output)["device"] == "cpu"
 
 
-def test_prune_uses_the_plan_and_disk_tier_on_small_host(tiny_models, ids_file, tmp_path):
-    import streamprune
+def test_prune_uses_the_plan(tiny_models, ids_file, tmp_path):
+    """In its own process (peak RSS is per process): the tier comes from the plan, the prediction is close."""
+    import subprocess
+    import sys
 
-    s = streamprune.prune(tiny_models("llama"), tmp_path / "out", calib=str(ids_file), nsamples=8, seqlen=32,
-                          progress=False)
+    res = subprocess.run([sys.executable, "-m", "streamprune", "prune", str(tiny_models("llama")), str(tmp_path / "out"),
+                          "--calib", str(ids_file), "--nsamples", "8", "--seqlen", "32", "--json", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)
     assert s["activations"] == "cpu" and s["plan"]["tier"] == "cpu"
     predicted, measured = s["plan"]["peak_host_bytes"], s["peak_rss_bytes"]
     assert 0.5 < predicted / measured < 1.5, (predicted, measured)  # a tiny model: the interpreter dominates
