@@ -128,7 +128,7 @@ def run_in_memory(model_dir: str, out: str, calib: str, nsamples: int, seqlen: i
                 outs[s:s + 1] = forward(layer, s)
             inps, outs = outs, inps
             lap("propagate")
-        del inps, outs, kws
+        inps = outs = kws = None  # free the activations before saving
         model.to(ckpt_dtype).save_pretrained(out)
         lap("write")
     seconds = time.perf_counter() - t0
