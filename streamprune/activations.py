@@ -11,13 +11,11 @@ from pathlib import Path
 
 import torch
 
-TIERS = ("auto", "gpu", "cpu", "disk")
-
-
 class TensorStore:
     """Sequences [N, L, H] held in one tensor on `device`."""
 
     def __init__(self, n: int, seqlen: int, hidden: int, dtype, device, pin: bool = False):
+        self.shape, self.dtype = (seqlen, hidden), dtype
         self.data = torch.empty((n, seqlen, hidden), dtype=dtype, device=device, pin_memory=pin)
 
     def read(self, i: int, j: int, device) -> torch.Tensor:
@@ -68,3 +66,26 @@ def make_store(tier: str, n: int, seqlen: int, hidden: int, dtype, device, path:
     if tier == "disk":
         return FileStore(path, n, seqlen, hidden, dtype)
     raise ValueError(tier)
+
+
+class Activations:
+    """This rank's calibration sequences as they flow through the blocks: the current block's inputs and
+    outputs (two stores that swap after every block), and the keyword arguments each block is called with, per
+    batch size. `batches` are this rank's (start, end) pairs in global sequence numbers."""
+
+    def __init__(self, make, batches: list, kwargs: dict | None = None):
+        self.batches = batches
+        self.base = batches[0][0] if batches else 0
+        self.count = sum(j1 - j0 for j0, j1 in batches)
+        self.inputs, self.outputs = make("a", self.count), make("b", self.count)
+        self.kwargs = kwargs or {}
+
+    def local(self, j0: int, j1: int) -> tuple[int, int]:
+        return j0 - self.base, j1 - self.base
+
+    def swap(self) -> None:
+        self.inputs, self.outputs = self.outputs, self.inputs
+
+    def close(self) -> None:
+        self.inputs.close()
+        self.outputs.close()

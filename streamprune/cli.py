@@ -114,7 +114,7 @@ def prune(model, out, as_json, nproc, **options):
     """Prune the checkpoint in MODEL into OUT (resumes a matching job already in OUT)."""
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _torchrun(nproc)
-    from .pipeline import prune as run
+    from .job import prune as run
 
     summary = run(model, out, **options)
     if summary.get("rank", 0) == 0:
@@ -140,6 +140,15 @@ def _torchrun(nproc: int) -> None:
     sys.exit(subprocess.run(cmd, env=env).returncode)
 
 
+def _job_state(out):
+    from .state import JobDir
+
+    jobdir = JobDir(Path(out))
+    if not jobdir.exists():
+        raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
+    return jobdir.load()
+
+
 @main.command()
 @click.argument("out", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -147,16 +156,13 @@ def _torchrun(nproc: int) -> None:
 @_errors
 def resume(out, as_json, progress):
     """Continue the interrupted job in OUT with the arguments it was started with."""
-    from .job import Job
-    from .pipeline import prune as run
+    from .job import prune as run
 
-    if not Job.exists(Path(out)):
-        raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
-    job = Job.load(Path(out))
-    ranks = job.data["fingerprint"]["options"].get("ranks", 1)
+    state = _job_state(out)
+    ranks = state.fingerprint["options"].get("ranks", 1)
     if ranks > 1 and "WORLD_SIZE" not in os.environ:
         _torchrun(ranks)  # a data-parallel job continues with the same number of ranks
-    options = dict(job.data["options"])
+    options = dict(state.options)
     model = options.pop("model")
     options["progress"] = progress
     summary = run(model, out, **options)
@@ -170,11 +176,7 @@ def resume(out, as_json, progress):
 @_errors
 def status(out, as_json):
     """Progress of the job in OUT: blocks done, sparsity so far, time spent and left."""
-    from .job import Job
-
-    if not Job.exists(Path(out)):
-        raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
-    st = Job.load(Path(out)).status()
+    st = _job_state(out).status()
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return

@@ -9,7 +9,6 @@ are too large to gather per batch; they are summed, which changes the float32 ro
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import torch
@@ -33,18 +32,20 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: torch.device, timeout_s: float | None = None) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+    def start(cls, device: torch.device, world: int, timeout_s: float) -> tuple["Dist", bool]:
+        """This process's Dist under torchrun (world > 1), creating the process group unless one exists.
+        Returns (dist, whether this call created the group)."""
         if world <= 1:
-            return cls()
+            return cls(), False
+        created = False
         if not tdist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            timeout = timedelta(seconds=timeout_s or float(os.environ.get("STREAMPRUNE_DIST_TIMEOUT", "600")))
             try:
-                tdist.init_process_group(backend, timeout=timeout)
+                tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
             except Exception as e:  # noqa: BLE001 - any rendezvous failure is the user's one line
                 raise StreamPruneError(f"torch.distributed initialisation failed ({backend}): {e}") from None
-        return cls(tdist.get_rank(), tdist.get_world_size())
+            created = True
+        return cls(tdist.get_rank(), tdist.get_world_size()), created
 
     def share(self, batches: list) -> list:
         """This rank's contiguous share of the global batch list (whole batches, in order)."""

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from .calibration import read_text, tokenize
 from .errors import StreamPruneError
-from .memory import MemoryMonitor, return_freed_memory_to_os
-from .model import StreamedModel, block_output, capture, load_config, materialize, release
-from .pipeline import DTYPES, context_length, resolve_device
+from .memory import MemoryMonitor
+from .model import StreamedModel, block_output, capture
 from .shards import Checkpoint
+from .spec import ModelInfo, compute_dtype, parse_dtype, resolve_device
 
 
 def read_token_stream(text_file: str | os.PathLike, model_dir: Path) -> torch.Tensor:
@@ -83,14 +83,13 @@ class _Evaluator(StreamedModel):
     @torch.no_grad()
     def run_block(self, i: int, hidden: torch.Tensor, kwargs: dict, batches: list, progress: bool) -> None:
         """Replace `hidden` in place by block i's outputs."""
-        block = self.blocks[i]
-        materialize(block, f"{self.blocks_name}.{i}.", self.ckpt, self.device, self.dtype, pin=self.device.type == "cuda")
+        block, _ = self.load_block(i)
         try:
             for j0, j1 in tqdm(batches, desc=f"block {i}", leave=False, disable=not progress):
                 y = block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i])
                 hidden[j0:j1] = y.to("cpu")
         finally:
-            release(block)
+            self.release_block(i)
 
     @torch.no_grad()
     def window_losses(self, ids: torch.Tensor, hidden: torch.Tensor, batches: list, progress: bool) -> torch.Tensor:
@@ -117,9 +116,7 @@ class _Evaluator(StreamedModel):
         return losses
 
 
-def _check_args(seqlen, windows, batch_size) -> None:
-    if seqlen is not None and seqlen < 2:
-        raise StreamPruneError("--seqlen must be at least 2")
+def _check_args(windows, batch_size) -> None:
     if windows is not None and windows < 1:
         raise StreamPruneError("--windows must be at least 1")
     if batch_size < 1:
@@ -135,35 +132,26 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
     stream) replaces the text file and tokenizer. dtype defaults to float32 on CPU, the checkpoint's on CUDA.
     """
     t0 = time.perf_counter()
-    return_freed_memory_to_os()
-    model_dir = Path(model_dir)
-    _check_args(seqlen, windows, batch_size)
-    if not model_dir.is_dir():
-        raise StreamPruneError(f"{model_dir}: no such model directory")
-    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
-        raise StreamPruneError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    _check_args(windows, batch_size)
+    info = ModelInfo.load(model_dir)
+    requested = parse_dtype(dtype)
     dev = resolve_device(device)
-    config = load_config(model_dir)
-    context = context_length(config)
-    if seqlen is None:
-        seqlen = min(2048, context or 2048)
-    elif context and seqlen > context:
-        raise StreamPruneError(f"--seqlen {seqlen} is beyond the model's context ({context} tokens)")
+    seqlen = info.seqlen(seqlen)
     if ids is None:
         if text_file is None:
             raise StreamPruneError("evaluate needs a text file (or a token id stream)")
-        stream, source = read_token_stream(text_file, model_dir), str(text_file)
+        stream, source = read_token_stream(text_file, info.path), str(text_file)
     else:
         stream, source = ids.reshape(-1).long(), "token ids"
     data = make_windows(stream, seqlen, windows, source)
-    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
-    if ((data < 0) | (data >= vocab)).any():
-        raise StreamPruneError(f"{source}: token ids outside the vocabulary (size {vocab})")
+    if ((data < 0) | (data >= info.text.vocab_size)).any():
+        raise StreamPruneError(f"{source}: token ids outside the vocabulary (size {info.text.vocab_size})")
 
-    ckpt = Checkpoint(model_dir)
-    compute = DTYPES[dtype] if isinstance(dtype, str) else dtype or (ckpt.dtype if dev.type == "cuda" else torch.float32)
+    ckpt = Checkpoint(info.path)
+    compute = compute_dtype(requested, ckpt.dtype, dev)
     with MemoryMonitor(device=dev) as mon:
-        model = _Evaluator(config, ckpt, dev, compute)
+        model = _Evaluator(info.config, ckpt, dev, compute)
+        model.check()
         n = data.shape[0]
         batches = [(j, min(n, j + batch_size)) for j in range(0, n, batch_size)]
         hidden, kwargs = model.capture_inputs(data, batches)
@@ -171,7 +159,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
             model.run_block(i, hidden, kwargs, batches, progress)
         losses = model.window_losses(data, hidden, batches, progress)
     nll = float(losses.mean())
-    out = {"model": str(model_dir), "ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": seqlen,
+    out = {"model": str(info.path), "ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": seqlen,
            "tokens": n * seqlen, "stream_tokens": stream.numel(), "device": str(dev),
            "compute_dtype": str(compute).replace("torch.", ""), "wall_seconds": time.perf_counter() - t0}
     out.update(mon.report())

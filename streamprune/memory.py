@@ -1,28 +1,42 @@
-"""Measuring memory and time: peak host RSS (anonymous and file-backed), peak GPU memory, phase timers."""
+"""Host memory: block-lifetime buffers that go back to the OS when freed, and measured peaks (RSS, GPU)."""
 
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 import threading
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 
 import psutil
 import torch
 
+OWN_MAPPING_BYTES = 1 << 20
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _LIBC = None
 
-def return_freed_memory_to_os(threshold: int = 64 * 1024) -> None:
-    """Serve every allocation above `threshold` with its own mmap, so freeing a block's tensors gives the pages
-    back to the OS at once. glibc's default raises this threshold dynamically (up to 32 MiB) after the first
-    large free; block-sized tensors then come from the heap, which fragments and grows block after block
-    (measured: peak RSS +20% from 4 to 8 blocks of 38 MB; flat with this setting)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns off the dynamic adjustment
-        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD: trim the heap top eagerly too
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
+
+def host_empty(shape, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """An uninitialised host tensor for data that lives as long as one block (its weights as read, cast, or
+    written). Large ones get an anonymous mapping of their own, returned to the OS the moment the last view of
+    them is dropped, whatever malloc does with its heap; small ones, and pinned ones (CUDA's host allocator),
+    come from torch as usual. Leaving malloc alone keeps the forward passes fast: a process-wide
+    M_MMAP_THRESHOLD of 64 KiB, the previous way to keep peak RSS flat, made every activation of every op a
+    fresh mapping and the SmolLM2 job 1.4x slower (issue 9)."""
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if pin or nbytes < OWN_MAPPING_BYTES:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def trim() -> None:
+    """Give malloc's free heap pages back to the OS (glibc); called between blocks."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _vm_hwm() -> int | None:
@@ -78,23 +92,6 @@ class MemoryMonitor:
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
             out["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         return out
-
-
-class Timers:
-    """Accumulated seconds per phase (read / statistics / prune / propagate / write / ...)."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str, sync_device=None):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            if sync_device is not None and torch.device(sync_device).type == "cuda":
-                torch.cuda.synchronize(sync_device)
-            self.seconds[phase] += time.perf_counter() - t
 
 
 def human_bytes(n: float | None) -> str:

@@ -8,14 +8,14 @@ model computes them. Parameters are assigned only for what one step needs and dr
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import StreamPruneError
+from .memory import host_empty, trim
+from .methods import check_prunable
 from .shards import Checkpoint
 
 
@@ -35,18 +35,6 @@ def _params_on_meta():
         yield
     finally:
         nn.Module.register_parameter = original
-
-
-def load_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    if not (model_dir / "config.json").is_file():
-        raise StreamPruneError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
-    try:
-        json.loads((model_dir / "config.json").read_text())
-        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
-        raise StreamPruneError(f"{model_dir}/config.json: cannot be read as a transformers config ({str(e).splitlines()[0]})") from None
 
 
 def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
@@ -103,29 +91,6 @@ def checkpoint_names(module: nn.Module) -> list[str]:
     """Names of the tensors a checkpoint holds for `module`: parameters and persistent buffers."""
     persistent = [n for n, _ in module.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(module, n)]
     return [n for n, _ in module.named_parameters()] + persistent
-
-
-def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, device, dtype, pin: bool = False,
-                skip=lambda name: False) -> None:
-    """Assign every parameter (and persistent buffer) of `module` from the checkpoint, cast to `dtype`."""
-    for name in checkpoint_names(module):
-        if skip(name):
-            continue
-        full = prefix + name
-        if full not in ckpt.tensors:
-            raise StreamPruneError(f"{ckpt.path}: tensor {full} is missing from the checkpoint")
-        t = ckpt.read(full, pin=pin)
-        expected = tuple(_get(module, name).shape)
-        if tuple(t.shape) != expected:
-            raise StreamPruneError(f"{ckpt.path}: tensor {full} has shape {list(t.shape)}, the config implies {list(expected)}")
-        if t.is_floating_point():
-            t = t.to(device=device, dtype=dtype, non_blocking=pin)
-        else:
-            t = t.to(device=device, non_blocking=pin)
-        set_tensor(module, name, t)
-    for name, b in module.named_buffers():
-        if b.device != torch.device(device) and b.device.type != "meta":
-            set_tensor(module, name, b.to(device))
 
 
 def release(module: nn.Module) -> None:
@@ -221,19 +186,38 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
     return out
 
 
+def exact_cast(stored: torch.dtype, compute: torch.dtype) -> bool:
+    """Does a value of dtype `stored` survive the trip to `compute` and back bit for bit?"""
+    if stored == compute or not stored.is_floating_point:
+        return True
+    wide = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
+    return wide.get(compute, 0) > wide.get(stored, 9)
+
+
+def to_host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` on the host in `dtype`: itself when it already is, else a block-lifetime copy (memory.host_empty)."""
+    if t.device.type == "cpu" and t.dtype == dtype:
+        return t.detach()
+    out = host_empty(t.shape, dtype)
+    out.copy_(t.detach())
+    return out
+
+
 class StreamedModel:
-    """A checkpoint's model code without its weights: the meta skeleton, its decoder blocks, and the means to
-    assign the non-block parameters (embeddings, final norm, optionally the output head) for one step and drop
-    them again. Shared by the prune job and the streamed evaluation."""
+    """A checkpoint's model code without its weights: the meta skeleton and its decoder blocks, with the one
+    path by which tensors go from the checkpoint into a module (cast to the compute dtype, on the device) and
+    from a pruned block back to checkpoint tensors. Shared by the prune job and the streamed evaluation."""
 
     def __init__(self, config, ckpt: Checkpoint, device, dtype, attn_implementation: str = "sdpa"):
         self.skeleton = build_skeleton(config, attn_implementation)
         self.blocks_name, self.blocks = find_blocks(self.skeleton, config)
-        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+        self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         head = self.skeleton.get_output_embeddings()
         self.head_prefix = next(n for n, m in self.skeleton.named_modules() if m is head) + "." if head is not None else None
         # the model's own decision, taken before any parameter is replaced: a tied skeleton shares the Parameter
         self.tied = head is not None and head.weight is self.skeleton.get_input_embeddings().weight
+
+    # ------------------------------------------------------------------ names
 
     def outside(self, name: str) -> bool:
         return not name.startswith(self.blocks_name + ".")
@@ -241,17 +225,117 @@ class StreamedModel:
     def in_head(self, name: str) -> bool:
         return self.head_prefix is not None and name.startswith(self.head_prefix)
 
+    def block_prefix(self, i: int) -> str:
+        return f"{self.blocks_name}.{i}."
+
+    def block_names(self, i: int) -> list[str]:
+        """The checkpoint's tensors under block i's prefix (all of them, whether the module knows them or not)."""
+        prefix = self.block_prefix(i)
+        return sorted(n for n in self.ckpt.tensors if n.startswith(prefix))
+
+    def other_names(self) -> list[str]:
+        prefix = self.blocks_name + "."
+        return sorted(n for n in self.ckpt.tensors if not n.startswith(prefix))
+
+    def check(self, structure=None) -> None:
+        """Every tensor the model needs is in the checkpoint with the shape the config implies, and every
+        block linear can take the N:M structure. The only shape check: nothing is read before it passes."""
+        shapes = {n: tuple(t.shape) for n, t in self.skeleton.named_parameters()}
+        shapes.update((n, tuple(t.shape)) for n, t in self.skeleton.named_buffers())
+        for name in checkpoint_names(self.skeleton):
+            info = self.ckpt.tensors.get(name)
+            if info is None and self.in_head(name):
+                continue
+            if info is None:
+                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint")
+            if info.shape != shapes[name]:
+                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} has shape {list(info.shape)}, "
+                                       f"the config implies {list(shapes[name])}")
+        if structure is not None:
+            for lin in (m for m in self.blocks[0].modules() if isinstance(m, nn.Linear)):
+                check_prunable(lin.in_features, structure)
+
+    # ------------------------------------------------------------------ tensors in and out
+
+    def _assign(self, module: nn.Module, prefix: str, host: dict, keep_if_inexact: bool) -> dict:
+        """Assign module's checkpoint tensors from `host` (checkpoint name -> host tensor), cast to the compute
+        dtype on the device. Returns the host tensors kept for writing back: those the compute dtype cannot
+        return bit for bit (when asked) and buffers."""
+        kept, params = {}, {n for n, _ in module.named_parameters()}
+        for local in checkpoint_names(module):
+            t = host[prefix + local]
+            dtype = self.dtype if t.is_floating_point() else t.dtype
+            if local not in params or (keep_if_inexact and not exact_cast(t.dtype, dtype)):
+                kept[prefix + local] = t
+            if self.device.type == "cpu" and t.dtype != dtype:
+                value = host_empty(t.shape, dtype)
+                value.copy_(t)
+            else:
+                value = t.to(self.device, dtype, non_blocking=True)
+            set_tensor(module, local, value)
+        for name, b in module.named_buffers():
+            if b.device != self.device and b.device.type != "meta":
+                set_tensor(module, name, b.to(self.device))
+        return kept
+
+    def load_block(self, i: int, host: dict | None = None) -> tuple[nn.Module, dict]:
+        """Block i with its weights (from `host`, else read now). Returns (block, kept): `kept` holds the host
+        tensors that `block_tensors` writes back as they are (buffers, unknown tensors, and tensors the compute
+        dtype cannot represent exactly)."""
+        prefix = self.block_prefix(i)
+        if host is None:
+            host = self.read_block(i)
+        block = self.blocks[i]
+        kept = self._assign(block, prefix, host, keep_if_inexact=True)
+        known = {prefix + n for n in checkpoint_names(block)}
+        kept.update((n, t) for n, t in host.items() if n not in known)
+        return block, kept
+
+    def read_block(self, i: int) -> dict:
+        pin = self.device.type == "cuda"
+        return {n: self.ckpt.read(n, pin=pin) for n in self.block_names(i)}
+
+    def block_tensors(self, i: int, block: nn.Module, kept: dict, masks: dict, recomputed: set) -> dict:
+        """Block i's shard contents, every tensor in its own checkpoint dtype. A weight the pruner recomputed
+        (`recomputed`, local names) comes from the module; a kept original is written as it was read, zeroed
+        where `masks` says; any other parameter comes back from the module (its cast is exact)."""
+        prefix, out = self.block_prefix(i), {}
+        params = dict(block.named_parameters())
+        for name in self.block_names(i):
+            local = name[len(prefix):]
+            if local in params and (name not in kept or local in recomputed):
+                out[name] = to_host(params[local], self.ckpt.tensors[name].dtype)
+            else:
+                t = kept[name]
+                if local in masks:
+                    t.masked_fill_(masks[local].to(t.device), 0)
+                out[name] = t
+        return out
+
+    def release_block(self, i: int) -> None:
+        release(self.blocks[i])
+        trim()
+
     def materialize_outside(self, with_head: bool) -> None:
         """Assign the non-block parameters; the output embeddings only if asked (tied: the input embedding)."""
-        materialize(self.skeleton, "", self.ckpt, self.device, self.dtype,
-                    skip=lambda n: not self.outside(n) or self.in_head(n))
+        names = [n for n in checkpoint_names(self.skeleton) if self.outside(n) and not self.in_head(n)]
+        self._assign_names(self.skeleton, "", names)
         if not with_head or self.head_prefix is None:
             return
         head = self.skeleton.get_output_embeddings()
         if self.tied:
             set_tensor(head, "weight", self.skeleton.get_input_embeddings().weight)
         else:
-            materialize(head, self.head_prefix, self.ckpt, self.device, self.dtype)
+            self._assign_names(head, self.head_prefix, checkpoint_names(head))
+
+    def _assign_names(self, module: nn.Module, prefix: str, local_names: list[str]) -> None:
+        for local in local_names:
+            t = self.ckpt.read(prefix + local)
+            dtype = self.dtype if t.is_floating_point() else t.dtype
+            set_tensor(module, local, t.to(self.device, dtype))
+        for name, b in module.named_buffers():
+            if b.device != self.device and b.device.type != "meta":
+                set_tensor(module, name, b.to(self.device))
 
     def release_outside(self) -> None:
         """Back to meta; every alias of a tied parameter included (named_parameters would list it once)."""

@@ -38,7 +38,9 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     block = blocks[0]
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     largest = max(linears, key=lambda m: (m.weight.numel(), m.in_features))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from .spec import text_config
+
+    text = text_config(config)
     heads = getattr(text, "num_attention_heads", 1)
     return BlockShape(
         params=sum(p.numel() for p in block.parameters()),
@@ -174,24 +176,30 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     Also returns, for 8/12/16/24 GB cards, the tier and the predicted peaks with the same settings.
     """
     import json
-    from pathlib import Path
 
     import psutil
 
-    from .model import build_skeleton, find_blocks, load_config
+    from .errors import StreamPruneError
+    from .model import build_skeleton, find_blocks
     from .shards import INDEX_NAME
+    from .methods import method_named
+    from .spec import ModelInfo, PruneOptions, compute_dtype, parse_dtype
 
-    model_dir = Path(model_dir)
-    config = load_config(model_dir)
+    # the same checks as prune's, for the options that exist here
+    PruneOptions(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype, activations=activations,
+                 method=method, calib="-").check()
+    if ranks < 1:
+        raise StreamPruneError("--nproc must be at least 1")
+    info = ModelInfo.load(model_dir)
+    model_dir, config, text = info.path, info.config, info.text
     blocks = find_blocks(build_skeleton(config), config)[1]
     shape = block_shape(blocks, config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     ckpt_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.bfloat16
     ckpt_dtype = getattr(torch, ckpt_dtype) if isinstance(ckpt_dtype, str) else ckpt_dtype
     device = device or ("cuda" if gpu_memory is not None else "cpu")
-    compute = getattr(torch, dtype) if dtype else (ckpt_dtype if device == "cuda" else torch.float32)
-    context = getattr(text, "max_position_embeddings", None) or 2048
-    seqlen = seqlen or min(2048, context)
+    requested = parse_dtype(dtype)
+    compute = compute_dtype(requested, ckpt_dtype, torch.device(device))
+    seqlen = info.seqlen(seqlen)
     index = model_dir / INDEX_NAME
     if index.is_file():
         ckpt_bytes = json.loads(index.read_text())["metadata"]["total_size"]
@@ -201,12 +209,12 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     host = parse_size(host_memory) or psutil.virtual_memory().available
     common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(ckpt_dtype),
                   compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
-                  needs_activations=method != "magnitude", snapshot=snapshot, ranks=ranks)
+                  needs_activations=method_named(method).needs_data, snapshot=snapshot, ranks=ranks)
     main = make_plan(shape, device_type=device, tier=activations, gpu_free=parse_size(gpu_memory), **common)
     cards = {}
     for gb in (8, 12, 16, 24):
         p = make_plan(shape, device_type="cuda", tier="auto", gpu_free=gb * GiB,
-                      **dict(common, compute_itemsize=itemsize(getattr(torch, dtype) if dtype else ckpt_dtype)))
+                      **dict(common, compute_itemsize=itemsize(requested or ckpt_dtype)))
         cards[f"{gb}GB"] = {"tier": p.tier, "peak_gpu_bytes": p.peak_gpu_bytes, "peak_host_bytes": p.peak_host_bytes,
                             "fits": p.fits}
     return {"model": str(model_dir), "blocks": len(blocks), "block_params": shape.params,

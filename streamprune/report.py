@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .errors import StreamPruneError
-from .memory import return_freed_memory_to_os
-from .model import build_skeleton, find_blocks, load_config
+from .model import build_skeleton, find_blocks
 from .shards import Checkpoint
+from .spec import ModelInfo
 
 CHUNK = 1 << 24  # elements compared at a time, so a huge weight never needs a same-sized bool tensor
 
@@ -23,7 +23,7 @@ def _zeros(t: torch.Tensor) -> int:
 
 def block_linear_weights(model_dir: Path) -> list[dict[str, str]]:
     """Per decoder block, {linear name inside the block: checkpoint tensor name of its weight}."""
-    config = load_config(model_dir)
+    config = ModelInfo.load(model_dir).config
     skeleton = build_skeleton(config)
     prefix, blocks = find_blocks(skeleton, config)
     return [{name: f"{prefix}.{i}.{name}.weight" for name, m in block.named_modules() if isinstance(m, nn.Linear)}
@@ -41,7 +41,6 @@ def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
         _matplotlib()  # fail before reading anything
     if not out_dir.is_dir():
         raise StreamPruneError(f"{out_dir}: no such model directory")
-    return_freed_memory_to_os()  # tensors of many sizes are read and freed one after another
     ckpt = Checkpoint(out_dir)
     blocks, total_zeros, total = [], 0, 0
     for i, weights in enumerate(block_linear_weights(out_dir)):

@@ -51,6 +51,19 @@ class _Scaler:
         self.s += torch.norm(inp, p=2, dim=1) ** 2 / self.n
 
 
+def _hook(accumulator):
+    return lambda module, args, output: accumulator.add(args[0])
+
+
+def _ria_score(W, s, alpha=0.5):
+    """RIA's score from its formula: (|W|/column sum + |W|/row sum) * sqrt(s) ** alpha, float32."""
+    a = W.float().abs()
+    col, row = a.sum(0, keepdim=True), a.sum(1, keepdim=True)
+    col = torch.where(col == 0, torch.ones_like(col), col)
+    row = torch.where(row == 0, torch.ones_like(row), row)
+    return (a / col + a / row) * torch.sqrt(s.float().reshape(1, -1)) ** alpha
+
+
 def _mask(metric, sparsity, n, m):
     mask = torch.zeros_like(metric, dtype=torch.bool)
     if m:
@@ -68,8 +81,11 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
                     method: str = "wanda", refine: str | None = None, profile: str = "uniform",
                     owl_lambda: float = 0.08, owl_m: float = 5.0) -> dict[str, torch.Tensor]:
     """Prune `model` in place; return {parameter name: bool mask of zeroed weights}."""
-    from streamprune import methods
-    from streamprune.wanda import Structure
+    from streamprune.methods.dsnot import dsnot_refine
+    from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities
+    from streamprune.methods.sparsegpt import sparsegpt_prune
+    from streamprune.methods import Structure
+    from streamprune.statistics import ChannelMoments, HessianStats
 
     masks, names = {}, {mod: name for name, mod in model.named_modules()}
     layers = decoder_layers(model)
@@ -79,8 +95,8 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
         for layer in layers:
             scalers = {}
             linears = _collect(model, layer, ids, lambda lin: [scalers.setdefault(lin, _Scaler(lin))])
-            ratios.append(methods.owl_outlier_ratio([(lin.weight, scalers[lin].s) for lin in linears], hyper_m=owl_m))
-        targets = methods.owl_sparsities(ratios, sparsity, owl_lambda)
+            ratios.append(owl_outlier_ratio([(lin.weight, scalers[lin].s) for lin in linears], hyper_m=owl_m))
+        targets = owl_sparsities(ratios, sparsity, owl_lambda)
 
     for layer, target in zip(layers, targets):
         scalers, moments, hessians = {}, {}, {}
@@ -90,9 +106,9 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
                 return []
             out = [scalers.setdefault(lin, _Scaler(lin))]
             if refine == "dsnot":
-                out.append(moments.setdefault(lin, methods.ChannelMoments(lin.in_features)).hook)
+                out.append(_hook(moments.setdefault(lin, ChannelMoments(lin.in_features))))
             if method == "sparsegpt":
-                out.append(hessians.setdefault(lin, methods.HessianStats(lin.in_features)).hook)
+                out.append(_hook(hessians.setdefault(lin, HessianStats(lin.in_features))))
             return out
 
         linears = _collect(model, layer, ids, hooks) if method != "magnitude" else \
@@ -107,13 +123,13 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
                 metric = torch.abs(W.float())
                 mask = metric <= torch.sort(metric.flatten())[0][int(metric.numel() * target)]
             elif method == "ria":
-                mask = _mask(methods.ria_score(W, scalers[lin].s), target, n, m)
+                mask = _mask(_ria_score(W, scalers[lin].s), target, n, m)
             elif method == "sparsegpt":
-                new, mask = methods.sparsegpt_prune(W, hessians[lin].H, target, Structure(n, m))
+                new, mask = sparsegpt_prune(W, hessians[lin].H, target, Structure(n, m))
                 W.copy_(new)
             if refine == "dsnot":
                 mom = moments[lin]
-                mask = methods.dsnot_refine(W, mask, mom.sum_mean, mom.var, scalers[lin].s, structure=Structure(n, m))
+                mask = dsnot_refine(W, mask, mom.sum_mean, mom.var, scalers[lin].s, structure=Structure(n, m))
             W[mask] = 0
             masks[names[lin] + ".weight"] = mask
     return masks

@@ -86,15 +86,17 @@ def test_output_bytes_do_not_depend_on_tier_or_overlap(tiny_models, ids_file, tm
 
 
 def test_row_chunks_do_not_change_masks(tiny_models, ids_file, tmp_path):
-    from streamprune.wanda import Structure, magnitude_mask, wanda_mask
+    from types import SimpleNamespace
+
+    from streamprune.methods import Magnitude, Structure, Wanda
 
     g = torch.Generator().manual_seed(0)
-    w, s = torch.randn(37, 64, generator=g), torch.rand(64, generator=g)
+    w, s = torch.randn(37, 64, generator=g), SimpleNamespace(sq_norm=torch.rand(64, generator=g))
     w[3, :8] = 0.5  # exact ties: the lower input index is pruned first, in every chunking
     for st in (Structure(), Structure(2, 4)):
-        full = wanda_mask(w, s, 0.5, st)
-        assert torch.equal(full, wanda_mask(w, s, 0.5, st, row_chunk=5))
-        assert torch.equal(magnitude_mask(w, 0.5, st), magnitude_mask(w, 0.5, st, row_chunk=7))
+        full = Wanda().prune(w, s, 0.5, st, 0).mask
+        assert torch.equal(full, Wanda().prune(w, s, 0.5, st, 5).mask)
+        assert torch.equal(Magnitude().prune(w, s, 0.5, st, 0).mask, Magnitude().prune(w, s, 0.5, st, 7).mask)
 
 
 def test_output_layout(tiny_models, ids_file, tmp_path):

@@ -1,20 +1,62 @@
-"""streamprune.methods against direct computations on tiny matrices (RIA, DSnoT, SparseGPT, OWL)."""
+"""streamprune.methods against direct computations on tiny matrices (selection, RIA, DSnoT, SparseGPT, OWL)."""
 
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from streamprune.errors import StreamPruneError
-from streamprune.methods import (ChannelMoments, HessianStats, dsnot_refine, owl_outlier_ratio, owl_sparsities,
-                                 ria_channel_permutation, ria_mask, ria_score, sparsegpt_prune)
-from streamprune.wanda import Structure, wanda_mask
+from streamprune.methods import RIA, Structure, Wanda, select
+from streamprune.methods.dsnot import dsnot_refine
+from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities
+from streamprune.methods.ria import column_abs_sum, ria_rows
+from streamprune.methods.sparsegpt import sparsegpt_prune
+from streamprune.statistics import BlockStatistics, ChannelMoments, HessianStats
 
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def wanda_mask(w, s, sparsity, structure, row_chunk=0):
+    return Wanda().prune(w, SimpleNamespace(sq_norm=s), sparsity, structure, row_chunk).mask
+
+
+def ria_mask(w, s, sparsity, structure, row_chunk=0):
+    return RIA().prune(w, SimpleNamespace(sq_norm=s), sparsity, structure, row_chunk).mask
+
+
+def ria_score(w, s, alpha=0.5):
+    col = column_abs_sum(w)
+    col = torch.where(col == 0, torch.ones_like(col), col).reshape(1, -1)
+    return ria_rows(w, col, s.float().sqrt().reshape(1, -1) ** alpha)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+@pytest.mark.parametrize("structure", [Structure(), Structure(2, 4)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, 0.05])
+def test_select_is_a_stable_ascending_sort(structure, sparsity):
+    """Unstructured: per row the k smallest, ties broken towards the lower index; many exact ties on purpose."""
+    g = _gen(5)
+    metric = torch.randint(0, 6, (40, 64), generator=g).float()  # six values: ties everywhere
+    metric[7] = 1.0                                               # a row that is one long tie
+    metric[9, :32] = torch.rand(32, generator=g)
+    got = select(metric, sparsity, structure)
+    if structure.is_nm:
+        groups = metric.reshape(40, -1, 4)
+        want = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, torch.topk(groups, 2, -1, largest=False)[1], True)
+        assert torch.equal(got, want.reshape(40, 64)) and _nm_ok(got, 2, 4)
+        return
+    k = int(64 * sparsity)
+    want = torch.zeros_like(metric, dtype=torch.bool)
+    for i in range(40):
+        order = sorted(range(64), key=lambda j: (float(metric[i, j]), j))
+        want[i, order[:k]] = True
+    assert torch.equal(got, want)
 
 
 def _nm_ok(mask, n, m):
@@ -60,18 +102,6 @@ def test_ria_unstructured_mask_is_brute_force_per_row(sparsity):
         assert torch.equal(ria_mask(w, s, sparsity, Structure(), row_chunk=chunk), want)
 
 
-def test_ria_per_matrix_threshold():
-    g = _gen(2)
-    w = torch.randn(6, 10, generator=g)
-    s = torch.rand(10, generator=g) + 0.05
-    score = _ria_by_hand(w, s, 0.5).flatten()
-    k = int(60 * 0.5)
-    thresh = sorted(score.tolist())[k]
-    want = (score <= thresh).reshape(6, 10)
-    got = ria_mask(w, s, 0.5, Structure(), per_row=False)
-    assert torch.equal(got, want) and int(got.sum()) == k + 1
-
-
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
 def test_ria_nm_valid_and_brute_force(n, m):
     g = _gen(3)
@@ -84,42 +114,6 @@ def test_ria_nm_valid_and_brute_force(n, m):
         for g0 in range(0, 16, m):
             order = sorted(range(g0, g0 + m), key=lambda j: float(score[i, j]))
             assert set(torch.nonzero(got[i, g0:g0 + m]).flatten().add(g0).tolist()) == set(order[:n])
-
-
-def _kept(score, mask):
-    return float(score[~mask].double().sum())
-
-
-def test_ria_permutation_valid_and_never_worse():
-    g = _gen(4)
-    w = torch.randn(12, 32, generator=g) * (torch.rand(32, generator=g) * 4)   # heterogeneous columns
-    s = torch.rand(32, generator=g) * 5 + 0.01
-    mask, perm = ria_mask(w, s, 0.5, Structure(2, 4), permute=True, permute_rounds=3)
-    assert sorted(perm.tolist()) == list(range(32))
-    assert _nm_ok(mask[:, perm], 2, 4)
-    assert int(mask.sum()) == 12 * 16
-    score = ria_score(w, s)
-    plain = ria_mask(w, s, 0.5, Structure(2, 4))
-    assert _kept(score, mask) >= _kept(score, plain) - 1e-4
-    mask2, perm2 = ria_mask(w, s, 0.5, Structure(2, 4), permute=True, permute_rounds=3)
-    assert torch.equal(perm, perm2) and torch.equal(mask, mask2)
-
-
-def test_ria_permutation_strictly_improves_a_bad_grouping():
-    # columns 0,1 large, 2,3 medium, 4..7 small: the identity 2:4 grouping loses both medium columns
-    score = torch.tensor([[9.0, 8.0, 5.0, 4.0, 1.0, 0.9, 0.8, 0.7]]).repeat(3, 1)
-    base = float(torch.topk(score.reshape(3, 2, 4), 2, dim=-1).values.sum())
-    perm = ria_channel_permutation(score, 4, 2, rounds=2)
-    permuted = float(torch.topk(score[:, perm].reshape(3, 2, 4), 2, dim=-1).values.sum())
-    # best possible: the two large and the two medium columns each in different groups -> keep 9+8+5+4
-    assert base == pytest.approx(3 * (9 + 8 + 1 + 0.9))
-    assert permuted == pytest.approx(3 * (9 + 8 + 5 + 4))
-    assert sorted(perm.tolist()) == list(range(8))
-
-
-def test_ria_permute_needs_nm():
-    with pytest.raises(StreamPruneError):
-        ria_mask(torch.randn(4, 8), torch.ones(8), 0.5, Structure(), permute=True)
 
 
 # ------------------------------------------------------------------------------------------------ DSnoT
@@ -137,13 +131,11 @@ def _expected_error(w, mask, mean):
     return (w.double() * mean.double() * mask).sum(1)
 
 
-@pytest.mark.parametrize("accept", ["improve", "reference"])
 @pytest.mark.parametrize("structure", [Structure(), Structure(2, 4), Structure(4, 8)])
-def test_dsnot_keeps_sparsity_and_structure(structure, accept):
+def test_dsnot_keeps_sparsity_and_structure(structure):
     w, _, mean, var, sq = _dsnot_setup(10)
     mask0 = wanda_mask(w, sq, 0.6, structure)
-    mask = dsnot_refine(w, mask0, mean, var, sq, max_cycles=30, update_threshold=0.0, structure=structure,
-                        accept=accept)
+    mask = dsnot_refine(w, mask0, mean, var, sq, max_cycles=30, update_threshold=0.0, structure=structure)
     assert mask.dtype == torch.bool and not torch.equal(mask, mask0)
     assert torch.equal(mask.sum(1), mask0.sum(1))
     if structure.is_nm:
@@ -239,49 +231,6 @@ def test_dsnot_improve_matches_loop(structure):
         assert got[i].tolist() == want, i
 
 
-def _official_unstructured_row(w, mean, var, sq, sparsity, cycles, thr, pow_):
-    """The official DSnoT unstructured loop (zyxxmu/DSnoT lib/prune.py, without_same_sign=True) for one row."""
-    c = len(w)
-    d = [float(w[j]) * float(mean[j]) for j in range(c)]
-    wan = [abs(float(w[j])) * float(sq[j]) ** 0.5 for j in range(c)]
-    k = int(c * sparsity)
-    order = sorted(range(c), key=lambda j: (wan[j], j))
-    mask = [False] * c
-    for j in order[:k]:
-        mask[j] = True
-    mfr = [d[j] if mask[j] else 0.0 for j in range(c)]
-    e = sum(mfr)
-    mfr = [mfr[j] / float(var[j]) ** pow_ for j in range(c)]
-    regrow_block = sorted(range(c), key=lambda j: (mfr[j], j))
-    res = order[k:]                                    # kept, ascending Wanda
-    prune_block = [j for j in res if d[j] < 0] + [j for j in reversed(res) if d[j] > 0]
-    prg, ppr = [0, c - 1], [0, len(prune_block) - 1]
-    step = [1, -1]
-    active = True
-    for _ in range(cycles):
-        if not active:
-            break
-        ir = 1 if e > 0 else 0
-        r = regrow_block[prg[ir]]
-        prg[ir] += step[ir]
-        ip = 1 if e < 0 else 0
-        p = prune_block[ppr[ip]]
-        ppr[ip] += step[ip]
-        active = active and abs(e) > thr
-        if active:
-            mask[p], mask[r] = True, False
-            e += d[p] - d[r]
-    return mask
-
-
-def test_dsnot_reference_mode_matches_official_loop():
-    w, _, mean, var, sq = _dsnot_setup(60, out=10, inp=64)
-    mask0 = wanda_mask(w, sq, 0.5, Structure())
-    got = dsnot_refine(w, mask0, mean, var, sq, max_cycles=8, update_threshold=0.0, accept="reference")
-    for i in range(10):
-        assert got[i].tolist() == _official_unstructured_row(w[i], mean, var, sq, 0.5, 8, 0.0, 1.0), i
-
-
 def test_channel_moments_match_reference_definitions():
     g = _gen(70)
     batches = [torch.randn(1, 7, 5, generator=g) + 2, torch.randn(2, 7, 5, generator=g), torch.randn(9, 5, generator=g)]
@@ -310,18 +259,24 @@ def test_hessian_stats_is_two_over_n_sum_xtx():
     torch.testing.assert_close(hs.H.double(), 2 / 5 * allx.t() @ allx, rtol=1e-5, atol=1e-5)
 
 
-def test_stats_hooks_on_a_linear():
-    lin = torch.nn.Linear(6, 3)
-    hs, cm = HessianStats(6), ChannelMoments(6)
-    handles = [lin.register_forward_hook(hs.hook), lin.register_forward_hook(cm.hook)]
+def test_block_statistics_hooks():
+    """The hooks see each linear's input; after the first forward, later ones stop after the last linear."""
+    block = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
     x = torch.randn(2, 5, 6, generator=_gen(79))
-    with torch.no_grad():
-        lin(x)
-    for h in handles:
-        h.remove()
+    with torch.no_grad(), BlockStatistics(block, frozenset({"sq_norm", "moments", "hessian"})) as stats:
+        block(x)
+        stats.forward_done()
+        with pytest.raises(Exception) as stop:
+            block(x)
+    assert type(stop.value).__name__ == "StopForward"
     flat = x.reshape(-1, 6)
-    torch.testing.assert_close(hs.H, 2 / 2 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cm.sum_mean, flat.sum(0) / 2, rtol=1e-5, atol=1e-6)
+    st = stats.stats["0"]
+    torch.testing.assert_close(st.hessian.H, 2 / 4 * flat.t() @ flat * 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.moments.sum_mean, flat.sum(0) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sq_norm, (flat ** 2).sum(0) / 2, rtol=1e-5, atol=1e-6)
+    hidden = torch.relu(flat @ block[0].weight.t() + block[0].bias)
+    torch.testing.assert_close(stats.stats["2"].sq_norm, (hidden ** 2).sum(0) / 2, rtol=1e-5, atol=1e-5)  # both passes counted
+    assert not block[0]._forward_pre_hooks  # removed on exit
 
 
 def _calib(seed, inp, tokens=256):
@@ -413,11 +368,10 @@ def test_owl_outlier_ratio_direct():
     flat = torch.cat([mt.flatten() for mt in metrics]).double()
     block = int((flat > 5 * flat.mean()).sum()) / flat.numel()
     per = sum(int((mt > 5 * mt.double().mean()).sum()) for mt in metrics) / flat.numel()
-    assert block > 0 and per > 0 and block != per
-    assert owl_outlier_ratio(metrics) == pytest.approx(block)
+    assert block > 0 and per > 0 and block != per  # one mean over the whole block, not one per linear
+    assert owl_outlier_ratio(list(zip(ws, ss))) == pytest.approx(block)
     assert owl_outlier_ratio(list(zip(ws, ss)), row_chunk=3) == pytest.approx(block)
-    assert owl_outlier_ratio(metrics, per_linear=True) == pytest.approx(per)
-    assert owl_outlier_ratio(metrics, hyper_m=1e9) == 0.0
+    assert owl_outlier_ratio(list(zip(ws, ss)), hyper_m=1e9) == 0.0
 
 
 def test_owl_sparsities_official_formula():

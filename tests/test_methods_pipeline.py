@@ -57,7 +57,7 @@ def test_owl_sweep_is_stored_and_reused_on_resume(tiny_models, ids_file, tmp_pat
     res = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, STREAMPRUNE_FAULT_AT="block_start:2"))
     assert res.returncode == -signal.SIGKILL
     state = json.loads((out / ".streamprune" / "state.json").read_text())
-    assert len(state["owl"]["sparsities"]) == 3
+    assert state["profile"]["name"] == "owl" and len(state["profile"]["sparsities"]) == 3
     res = subprocess.run([sys.executable, "-m", "streamprune", "resume", str(out), "--json", "--no-progress"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

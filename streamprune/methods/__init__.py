@@ -1,0 +1,33 @@
+"""Pruning methods behind one small protocol (base.py), and the registry the options name them from.
+
+Adding a method: a `Method` subclass in a file of its own, and one line in METHODS.
+"""
+
+from __future__ import annotations
+
+from ..errors import StreamPruneError
+from .base import Method, Profile, Pruned, Pruner, Refinement, Structure, Uniform, check_prunable, select
+from .dsnot import DSnoT
+from .magnitude import Magnitude
+from .owl import OWL
+from .ria import RIA
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
+
+METHODS = {m.name: m for m in (Wanda, Magnitude, RIA, SparseGPT)}
+REFINES = {r.name: r for r in (DSnoT,)}
+PROFILES = {p.name: p for p in (Uniform, OWL)}
+
+
+def method_named(name: str) -> Method:
+    if name not in METHODS:
+        raise StreamPruneError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]()
+
+
+def profile_named(name: str, owl_lambda: float = 0.08, owl_m: float = 5.0) -> Profile:
+    return OWL(owl_lambda, owl_m) if name == "owl" else PROFILES[name]()
+
+
+__all__ = ["METHODS", "REFINES", "PROFILES", "Method", "Refinement", "Profile", "Pruner", "Pruned", "Structure",
+           "check_prunable", "select", "method_named", "profile_named"]

@@ -1,0 +1,179 @@
+"""What every pruning method shares: the N:M structure, the exact mask selection, and the three small protocols.
+
+Conventions: W is [out, in]; a mask is a bool tensor of W's shape, True = zeroed. Every rule that is per output
+row runs in row chunks (`row_chunk`, 0 = all rows at once) and gives the same result for every chunk size: the
+chunk only bounds the transient memory of the metric and the selection.
+
+- `Method`: weight + the input statistics it declares in `needs` -> a mask, and maybe a new weight.
+- `Refinement`: changes a method's mask (same count of zeros per row or per N:M group).
+- `Profile`: how sparse each block is; `sweeps` means it scores every dense block before pruning starts.
+Statistics names (what `needs` may hold) are the attributes of `statistics.LinearStats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..errors import StreamPruneError
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Unstructured (n = m = 0, `sparsity` applies) or N:M (n of every m consecutive inputs zeroed)."""
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Structure":
+        if text in (None, "", "unstructured"):
+            return cls()
+        try:
+            n, m = (int(x) for x in text.split(":"))
+        except ValueError:
+            raise StreamPruneError(f"--structure {text!r}: expected 'unstructured' or N:M such as 2:4") from None
+        if not 0 < n < m:
+            raise StreamPruneError(f"--structure {text}: N:M needs 0 < N < M (N weights zeroed in every M)")
+        return cls(n, m)
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+def check_prunable(in_features: int, structure: Structure) -> None:
+    if structure.is_nm and in_features % structure.m:
+        raise StreamPruneError(f"--structure {structure}: a linear has in_features {in_features}, "
+                               f"not divisible by M={structure.m}")
+
+
+def row_chunks(rows: int, chunk: int):
+    chunk = max(1, chunk or rows)
+    for r in range(0, rows, chunk):
+        yield slice(r, min(rows, r + chunk))
+
+
+def select(metric: torch.Tensor, sparsity: float, structure: Structure) -> torch.Tensor:
+    """The entries to zero: per row the k = int(in * sparsity) smallest (ties: the lower index first, i.e. a
+    stable ascending sort), or per group of M consecutive inputs the N smallest (topk, largest=False).
+
+    Unstructured selection finds each row's k-th smallest value with an unsorted topk and keeps every entry
+    below it; only rows where entries equal to that value are more than needed take them in index order. Same
+    set as the stable sort (tested), about 3x faster on a CPU."""
+    rows, inp = metric.shape
+    if structure.is_nm:
+        mask = torch.zeros_like(metric, dtype=torch.bool)
+        groups = metric.reshape(rows, inp // structure.m, structure.m)
+        idx = torch.topk(groups, structure.n, dim=-1, largest=False)[1]
+        mask.view(rows, inp // structure.m, structure.m).scatter_(2, idx, True)
+        return mask
+    k = int(inp * sparsity)
+    if k == 0:
+        return torch.zeros_like(metric, dtype=torch.bool)
+    kth = torch.topk(metric, k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    mask = metric <= kth
+    over = mask.sum(1) > k
+    if bool(over.any()):
+        r = over.nonzero().squeeze(1)
+        sub, t = metric[r], kth[r]
+        below, tied = sub < t, sub == t
+        need = k - below.sum(1, keepdim=True)
+        mask[r] = below | (tied & (tied.cumsum(1) <= need))
+    return mask
+
+
+def scaled_abs_mask(weight: torch.Tensor, column_scale: torch.Tensor | None, sparsity: float,
+                    structure: Structure, row_chunk: int = 0) -> torch.Tensor:
+    """`select` on |W| (times a per-input-column scale), computed in float32 one row chunk at a time."""
+    out, inp = weight.shape
+    check_prunable(inp, structure)
+    mask = torch.zeros(out, inp, dtype=torch.bool, device=weight.device)
+    scale = None if column_scale is None else column_scale.float().reshape(1, -1)
+    for rows in row_chunks(out, row_chunk):
+        metric = weight[rows].float().abs()
+        if scale is not None:
+            metric = metric * scale
+        mask[rows] = select(metric, sparsity, structure)
+    return mask
+
+
+class Pruned(NamedTuple):
+    mask: torch.Tensor
+    weight: torch.Tensor | None = None  # a new weight (already zero where masked), when the method updates it
+
+
+class Method:
+    """Prunes one weight matrix from the statistics it declares."""
+    name = ""
+    needs: frozenset = frozenset({"sq_norm"})
+    refinable = False        # a Refinement may change its mask
+    updates_weights = False  # returns a new weight, not only a mask
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs)
+
+    def prune(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, row_chunk: int) -> Pruned:
+        raise NotImplementedError
+
+
+class Refinement:
+    """Changes a method's mask, keeping every row's (or N:M group's) count of zeros."""
+    name = ""
+    needs: frozenset = frozenset()
+
+    def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats, structure: Structure,
+               row_chunk: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Profile:
+    """How sparse each block is. A profile that `sweeps` scores every dense block first (one extra forward)."""
+    name = ""
+    needs: frozenset = frozenset()
+    sweeps = False
+
+    def check(self, sparsity: float, structure: Structure, method: Method) -> None:
+        pass
+
+    def score(self, linears: list, row_chunk: int) -> float:
+        """One dense block's score from [(weight, LinearStats)] of its linears."""
+        raise NotImplementedError
+
+    def allocate(self, scores: list[float], target: float) -> list[float]:
+        raise NotImplementedError
+
+
+class Uniform(Profile):
+    name = "uniform"
+
+
+@dataclass(frozen=True)
+class Pruner:
+    """A method, optionally followed by a refinement: what the block loop calls for every linear."""
+    method: Method
+    refinement: Refinement | None = None
+
+    @property
+    def needs(self) -> frozenset:
+        return self.method.needs | (self.refinement.needs if self.refinement else frozenset())
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs)
+
+    @property
+    def updates_weights(self) -> bool:
+        return self.method.updates_weights
+
+    def prune(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, row_chunk: int) -> Pruned:
+        result = self.method.prune(weight, stats, sparsity, structure, row_chunk)
+        if self.refinement is None:
+            return result
+        w = weight if result.weight is None else result.weight
+        return Pruned(self.refinement.refine(w, result.mask, stats, structure, row_chunk), result.weight)

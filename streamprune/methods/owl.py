@@ -1,0 +1,103 @@
+"""OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to
+High Sparsity", ICML): blocks with a larger share of outlier Wanda scores are pruned less, the average unchanged.
+
+A dense sweep scores every block before pruning starts: the share of the block's Wanda scores |W| * sqrt(s) that
+exceed M times their mean, the ONE mean over all of the block's linears, as the official code (luuyin/OWL,
+lib/prune_all.py) concatenates them. The allocation is the official `prune_wanda_outlier` rule.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import StreamPruneError
+from .base import Profile, row_chunks
+
+
+class OWL(Profile):
+    name = "owl"
+    needs = frozenset({"sq_norm"})
+    sweeps = True
+
+    def __init__(self, lam: float = 0.08, hyper_m: float = 5.0):
+        self.lam, self.hyper_m = lam, hyper_m
+
+    def check(self, sparsity, structure, method) -> None:
+        if structure.is_nm:
+            raise StreamPruneError("--sparsity-profile owl varies unstructured sparsity per block; it does not apply to N:M")
+        if not method.needs:
+            raise StreamPruneError("--sparsity-profile owl needs calibration statistics; use it with wanda, ria or sparsegpt")
+        if not 0 <= self.lam < min(sparsity, 1 - sparsity):
+            raise StreamPruneError(f"--owl-lambda {self.lam}: must be in [0, {min(sparsity, 1 - sparsity)}) "
+                                   f"so every block's sparsity stays in (0, 1)")
+
+    def score(self, linears, row_chunk) -> float:
+        return owl_outlier_ratio([(w, st.sq_norm) for w, st in linears], self.hyper_m, row_chunk)
+
+    def allocate(self, scores, target) -> list[float]:
+        return owl_sparsities(scores, target, self.lam)
+
+
+def _wanda_chunks(weight: torch.Tensor, s: torch.Tensor, row_chunk: int):
+    root = torch.sqrt(s.float().reshape(1, -1))
+    for rows in row_chunks(weight.shape[0], row_chunk):
+        yield weight[rows].float().abs() * root
+
+
+@torch.no_grad()
+def owl_outlier_ratio(pairs, hyper_m: float = 5.0, row_chunk: int = 0) -> float:
+    """Share in [0, 1] of one block's Wanda scores (from [(weight, s)] of its linears) above hyper_m * their mean.
+
+    Sums are accumulated in float64 (chunk-invariant); two passes over the metric, never materialised whole.
+    The official value is in percent; that factor cancels in `owl_sparsities`."""
+    sums, size = [], 0
+    for weight, s in pairs:
+        total = torch.zeros((), dtype=torch.float64)
+        for chunk in _wanda_chunks(weight, s, row_chunk):
+            total += chunk.sum(dtype=torch.float64).cpu()
+            size += chunk.numel()
+        sums.append(float(total))
+    if size == 0:
+        return 0.0
+    thresh = hyper_m * (sum(sums) / size)
+    count = 0
+    for weight, s in pairs:
+        for chunk in _wanda_chunks(weight, s, row_chunk):
+            count += int((chunk > thresh).sum())
+    return count / size
+
+
+def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) -> list[float]:
+    """Per-block sparsities from the blocks' outlier ratios; their mean is `target` (before clamping).
+
+    OWL (Yin et al. 2024, ICML), the official allocation (luuyin/OWL, prune_wanda_outlier): with r the
+    per-block outlier ratios, density = (r - min r) * (1 / (max r - min r) * lam * 2), then
+    density = density - mean(density) + (1 - target), and sparsity = 1 - density. So the sparsities span
+    exactly 2*lam (max - min; the paper's [S - lam, S + lam] band when ratios are symmetric), the most
+    outlier-heavy block gets the lowest sparsity, and the mean is exactly `target` in exact arithmetic
+    (float64 here). All ratios equal (max == min; the official code would divide by zero) -> every block gets
+    `target`. Clamp: a sparsity <= 0 becomes 0.01 (the official rule) and one >= 1 becomes 0.99 (ours), so
+    results lie in (0, 1); clamping only happens when target is within 2*lam of 0 or 1, and then the mean
+    is no longer exactly target.
+    """
+    r = [float(x) for x in ratios]
+    if not r:
+        return []
+    lo, hi = min(r), max(r)
+    if hi == lo:
+        dens = [1.0 - target] * len(r)
+    else:
+        dens = [(x - lo) * (1 / (hi - lo) * lam * 2) for x in r]
+        mean = sum(dens) / len(dens)
+        dens = [x - mean + (1 - target) for x in dens]
+    out = []
+    for x in dens:
+        s = 1 - x
+        if s <= 0:
+            s = 0.01
+        elif s >= 1:
+            s = 0.99
+        out.append(s)
+    return out

@@ -1,0 +1,180 @@
+"""The process a job runs in: its environment (read once, here), the process-wide settings a job changes (and
+gives back), the signals that stop it at a safe point, and the observer that sees what it does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import Dist
+from .errors import Interrupted
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    """Everything a job reads from the environment: torchrun's rank variables and the test fault hook."""
+    rank: int = 0
+    local_rank: int | None = None
+    world: int = 1
+    dist_timeout: float = 600.0
+    fault_at: str | None = None      # STREAMPRUNE_FAULT_AT=event:k
+    fault_signal: str = "KILL"       # STREAMPRUNE_FAULT_SIGNAL
+    fault_rank: int | None = None    # STREAMPRUNE_FAULT_RANK: only this rank is hit
+
+    @classmethod
+    def read(cls, environ=os.environ) -> "ProcessEnv":
+        get = environ.get
+        return cls(rank=int(get("RANK", "0")), local_rank=int(get("LOCAL_RANK")) if "LOCAL_RANK" in environ else None,
+                   world=int(get("WORLD_SIZE", "1")), dist_timeout=float(get("STREAMPRUNE_DIST_TIMEOUT", "600")),
+                   fault_at=get("STREAMPRUNE_FAULT_AT"), fault_signal=get("STREAMPRUNE_FAULT_SIGNAL", "KILL"),
+                   fault_rank=int(get("STREAMPRUNE_FAULT_RANK")) if "STREAMPRUNE_FAULT_RANK" in environ else None)
+
+
+class Fault:
+    """Sends a real signal to this process at the k-th occurrence of a named event (tests kill jobs at exact
+    points this way). Renames are told apart by the file: rename_state, rename_index, rename_shard, rename_file."""
+
+    def __init__(self, event: str, k: int, sig: int):
+        self.event, self.k, self.sig, self.seen = event, k, sig, 0
+
+    @classmethod
+    def from_env(cls, env: ProcessEnv) -> "Fault | None":
+        if not env.fault_at or (env.fault_rank is not None and env.fault_rank != env.rank):
+            return None
+        event, k = env.fault_at.rsplit(":", 1)
+        return cls(event, int(k), getattr(signal, "SIG" + env.fault_signal))
+
+    def __call__(self, event: str, detail: str) -> None:
+        if event == "before_rename":
+            event = ("rename_state" if detail == "state.json" else "rename_index" if detail.endswith(".index.json")
+                     else "rename_shard" if detail.endswith(".safetensors") else "rename_file")
+        if event == self.event:
+            self.seen += 1
+            if self.seen == self.k:
+                os.kill(os.getpid(), self.sig)
+
+
+class Observer:
+    """Sees what a job does: named events (block_start, statistics, propagate, recompute, owl, mid_shard,
+    before_rename, publish), phase times, progress bars and log lines. Subclass it to watch a job (the memory
+    benchmark tags RSS samples with the phase); pass it as `observer=` to the API."""
+
+    def __init__(self, log=None, progress: bool = True, fault: Fault | None = None):
+        self._log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+        self.progress_enabled, self.fault = progress, fault
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def event(self, name: str, detail: str = "") -> None:
+        if self.fault is not None:
+            self.fault(name, detail)
+
+    @contextmanager
+    def phase(self, name: str, device: torch.device | None = None):
+        """Time a phase (from any thread); CUDA work is synchronised so it counts where it ran."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+
+    def bar(self, iterable=None, **kwargs):
+        return tqdm(iterable, disable=not self.progress_enabled, dynamic_ncols=True, **kwargs)
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    def quiet(self) -> None:
+        """Ranks other than 0 neither log nor draw bars."""
+        self._log, self.progress_enabled = (lambda msg: None), False
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the job stops at the next safe point. A second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.received = self.signum = None
+        self._old = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received, self.signum = signal.Signals(signum).name, signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+class Runtime:
+    """Owns what a job changes in its process and restores it on exit: the current CUDA device and its memory
+    cap, the process group (when this job created it) and the signal handlers. Also the one stop rule: every
+    rank asks `stop_requested()` (a collective) at the same points, so all ranks stop together."""
+
+    def __init__(self, device: torch.device, env: ProcessEnv, gpu_limit: int | None = None):
+        self.device, self.env, self.gpu_limit = device, env, gpu_limit
+        self.signals = _Signals()
+        self.dist = Dist()
+        self._stopped = False
+        self._undo: list = []
+
+    def __enter__(self) -> "Runtime":
+        try:
+            if self.device.type == "cuda":
+                previous = torch.cuda.current_device()
+                torch.cuda.set_device(self.device)
+                self._undo.append(lambda: torch.cuda.set_device(previous))
+                if self.gpu_limit:
+                    total = torch.cuda.get_device_properties(self.device).total_memory
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, self.gpu_limit / total), self.device)
+                    self._undo.append(lambda: torch.cuda.set_per_process_memory_fraction(1.0, self.device))
+            self.dist, created = Dist.start(self.device, self.env.world, self.env.dist_timeout)
+            if created:
+                self._undo.append(self.dist.close)
+            self.signals.install()
+            self._undo.append(self.signals.restore)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+    def stop_requested(self) -> bool:
+        """Has a stop been asked for on any rank? A collective when data-parallel; once true, stays true."""
+        self._stopped = self._stopped or self.dist.any(self.signals.received is not None)
+        return self._stopped
+
+    @property
+    def signal_pending(self) -> bool:
+        """This process got a signal (no collective: only for checks inside a pass of a single process)."""
+        return not self.dist.enabled and self.signals.received is not None
+
+    def interrupted(self, what: str, out) -> Interrupted:
+        return Interrupted(f"{self.signals.received or 'SIGTERM'}: {what}; continue with `streamprune resume {out}`",
+                           self.signals.signum or signal.SIGTERM)

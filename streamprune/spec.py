@@ -1,0 +1,232 @@
+"""What a job is, resolved once: options checked, config read, device, dtypes and sequence length chosen.
+
+`prune`, `eval` and `plan` all start here, so an option means the same thing and is refused with the same
+line everywhere. Everything in this module is immutable once resolved; nothing here changes process state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .errors import StreamPruneError
+from .methods import PROFILES, REFINES, Pruner, Structure, method_named, profile_named
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+TIERS = ("auto", "gpu", "cpu", "disk")
+DEFAULT_SEQLEN = 2048
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise StreamPruneError(f"--dtype {name!r}: choose float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def compute_dtype(requested: torch.dtype | None, checkpoint: torch.dtype, device: torch.device) -> torch.dtype:
+    """The requested dtype, else the checkpoint's on a GPU and float32 on a CPU (bf16 matmuls are slow there)."""
+    return requested or (checkpoint if device.type == "cuda" else torch.float32)
+
+
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """`auto` is CUDA when present; under torchrun `auto`/`cuda` mean this rank's own GPU (LOCAL_RANK)."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise StreamPruneError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StreamPruneError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank or 0)
+        if dev.index >= torch.cuda.device_count():
+            raise StreamPruneError(f"--device {spec}: no such GPU (this machine has {torch.cuda.device_count()})")
+    elif dev.type != "cpu":
+        raise StreamPruneError(f"--device {spec}: only cpu and cuda devices are supported")
+    return dev
+
+
+def text_config(config):
+    """The language model's part of a config (multimodal wrappers nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model directory and its config (text part for multimodal wrappers)."""
+    path: Path
+    config: object
+
+    @classmethod
+    def load(cls, path) -> "ModelInfo":
+        from transformers import AutoConfig
+
+        path = Path(path)
+        if not path.is_dir():
+            raise StreamPruneError(f"{path}: no such model directory")
+        if not (path / "config.json").is_file():
+            raise StreamPruneError(f"{path}: no config.json (not a Hugging Face model directory)")
+        try:
+            json.loads((path / "config.json").read_text())
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (ValueError, KeyError, OSError) as e:
+            raise StreamPruneError(f"{path}/config.json: cannot be read as a transformers config "
+                                   f"({str(e).splitlines()[0]})") from None
+        return cls(path, config)
+
+    @property
+    def text(self):
+        return text_config(self.config)
+
+    @property
+    def context(self) -> int | None:
+        return getattr(self.text, "max_position_embeddings", None)
+
+    def seqlen(self, requested: int | None) -> int:
+        """The default (min(2048, context)) or the requested length, refused beyond the context."""
+        if requested is None:
+            return min(DEFAULT_SEQLEN, self.context or DEFAULT_SEQLEN)
+        if requested < 2:
+            raise StreamPruneError("--seqlen must be at least 2")
+        if self.context and requested > self.context:
+            raise StreamPruneError(f"--seqlen {requested} is beyond the model's context ({self.context} tokens)")
+        return requested
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    sparsity: float = 0.5
+    structure: str = "unstructured"
+    method: str = "wanda"
+    calib: str | None = None
+    nsamples: int = 128
+    seqlen: int | None = None       # default: min(2048, model context)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None         # default: checkpoint dtype on GPU, float32 on CPU
+    batch_size: int = 1
+    activations: str = "auto"
+    snapshot_every: int = 8
+    overwrite: bool = False
+    restart: bool = False
+    overlap: bool = True
+    progress: bool = True
+    attn_implementation: str = "sdpa"
+    gpu_memory_limit: str | int | None = None
+    refine: str | None = None           # "dsnot": mask refinement after the wanda/ria mask
+    sparsity_profile: str = "uniform"   # "owl": per-block sparsity from a dense outlier sweep
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+
+    # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
+    RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
+                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m")
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "PruneOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise StreamPruneError(f"unknown option {unknown[0]!r}")
+        return cls(**options)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        """Every option on its own and in combination; one line for the first problem."""
+        if not 0 < self.sparsity < 1:
+            raise StreamPruneError(f"--sparsity {self.sparsity}: must be strictly between 0 and 1")
+        structure = Structure.parse(self.structure)
+        method = method_named(self.method)
+        if self.refine is not None and self.refine not in REFINES:
+            raise StreamPruneError(f"--refine {self.refine!r}: the only refinement is {', '.join(REFINES)}")
+        if self.refine and not method.refinable:
+            raise StreamPruneError(f"--refine {self.refine} refines a wanda or ria mask, not --method {self.method}")
+        if self.sparsity_profile not in PROFILES:
+            raise StreamPruneError(f"--sparsity-profile {self.sparsity_profile!r}: choose {' or '.join(PROFILES)}")
+        profile_named(self.sparsity_profile, self.owl_lambda, self.owl_m).check(self.sparsity, structure, method)
+        parse_dtype(self.dtype)
+        if self.activations not in TIERS:
+            raise StreamPruneError(f"--activations {self.activations!r}: choose one of {', '.join(TIERS)}")
+        for name in ("nsamples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise StreamPruneError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise StreamPruneError("--seqlen must be at least 2")
+        if self.snapshot_every < 0:
+            raise StreamPruneError("--snapshot-every must be 0 (never) or more")
+        from .plan import parse_size
+
+        parse_size(self.gpu_memory_limit)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """A prune job, resolved: the options (seqlen filled in), the model, device, dtypes and the pruner."""
+    model: ModelInfo
+    out: Path
+    options: PruneOptions
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint_dtype: torch.dtype
+    structure: Structure
+    pruner: Pruner
+    profile: object
+    gpu_limit: int | None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.pruner.needs_data
+
+    @classmethod
+    def resolve(cls, model, out, options: PruneOptions, local_rank: int | None = None) -> "PruneSpec":
+        from .plan import parse_size
+        from .shards import Checkpoint
+
+        options.check()
+        model_dir, out = Path(model), Path(out)
+        check_paths(model_dir, out)
+        check_out_usable(out, options.overwrite)
+        device = resolve_device(options.device, local_rank)
+        info = ModelInfo.load(model_dir)
+        ckpt_dtype = Checkpoint(model_dir).dtype
+        structure = Structure.parse(options.structure)
+        pruner = Pruner(method_named(options.method), REFINES[options.refine]() if options.refine else None)
+        if pruner.needs_data and not options.calib:
+            seqlen = info.seqlen(options.seqlen)  # a bad --seqlen is reported before the missing --calib
+            raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE")
+        seqlen = info.seqlen(options.seqlen)
+        return cls(model=info, out=out, options=replace(options, seqlen=seqlen), device=device,
+                   dtype=compute_dtype(parse_dtype(options.dtype), ckpt_dtype, device), checkpoint_dtype=ckpt_dtype,
+                   structure=structure, pruner=pruner,
+                   profile=profile_named(options.sparsity_profile, options.owl_lambda, options.owl_m),
+                   gpu_limit=parse_size(options.gpu_memory_limit))
+
+
+def check_paths(model_dir: Path, out: Path) -> None:
+    if not model_dir.is_dir():
+        raise StreamPruneError(f"{model_dir}: no such model directory")
+    m, o = model_dir.resolve(), out.resolve()
+    if o == m or m in o.parents:
+        raise StreamPruneError(f"OUT {out} is the model directory or inside it; choose a directory elsewhere")
+    if o in m.parents:
+        raise StreamPruneError(f"OUT {out} contains the model directory; choose a directory elsewhere")
+    if out.exists() and not out.is_dir():
+        raise StreamPruneError(f"OUT {out} exists and is not a directory")
+
+
+def check_out_usable(out: Path, overwrite: bool) -> None:
+    """An OUT that holds something other than a streamprune job is refused unless --overwrite."""
+    from .state import JobDir
+
+    if out.is_dir() and not JobDir(out).exists() and any(out.iterdir()) and not overwrite:
+        raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")

@@ -1,0 +1,210 @@
+"""Job state: what a prune job is (its fingerprint), what it has committed, and what it needs to continue.
+
+Lives in OUT/.streamprune/state.json, replaced atomically (temporary name, fsync, rename) after every block,
+so a crash at any instant leaves the previous or the next state. Committed shard files carry their sha256;
+an activation snapshot (the inputs of the next block) is kept every few blocks so a resume does not have to
+recompute the whole prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import StreamPruneError
+from .writer import file_sha256, fsync_dir, no_event, write_atomic
+
+STATE_DIR = ".streamprune"
+STATE_FILE = "state.json"
+FORMAT = 2
+
+
+def diff(old, new, path="") -> list[str]:
+    """Human-readable differences between two fingerprints."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{path}.{k}" if path else str(k))
+        return out
+    if old != new:
+        short = lambda v: (str(v)[:40] + "...") if len(str(v)) > 43 else str(v)  # noqa: E731
+        return [f"{path}: {short(old)} -> {short(new)}"]
+    return []
+
+
+@dataclass
+class BlockRecord:
+    file: str
+    sparsity: float
+    target: float
+    linears: dict            # linear name -> {"zeros", "numel"}
+    seconds: float = 0.0
+    phase_seconds: dict = field(default_factory=dict)
+
+    @property
+    def zeros(self) -> int:
+        return sum(v["zeros"] for v in self.linears.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(v["numel"] for v in self.linears.values())
+
+
+@dataclass
+class Snapshot:
+    after_block: int
+    size: int
+
+
+@dataclass
+class JobState:
+    fingerprint: dict
+    options: dict
+    total_blocks: int
+    blocks: dict = field(default_factory=dict)    # block index -> BlockRecord
+    files: dict = field(default_factory=dict)     # file name -> {"size", "sha256"}
+    snapshot: Snapshot | None = None
+    profile: dict | None = None                   # a sweeping profile's scores and per-block sparsities
+    seconds: float = 0.0
+    complete: bool = False
+    created: float = field(default_factory=time.time)
+
+    @property
+    def committed(self) -> int:
+        """Blocks 0..committed-1 are on disk, in order."""
+        n = 0
+        while n in self.blocks:
+            n += 1
+        return n
+
+    def commit(self, i: int, record: BlockRecord, meta: dict) -> None:
+        self.files[record.file] = meta
+        self.blocks[i] = record
+        self.seconds += record.seconds
+
+    def forget_from(self, i: int) -> None:
+        for j in [j for j in self.blocks if j >= i]:
+            del self.blocks[j]
+
+    def sparsity(self) -> float:
+        zeros = sum(b.zeros for b in self.blocks.values())
+        numel = sum(b.numel for b in self.blocks.values())
+        return zeros / numel if numel else 0.0
+
+    def status(self) -> dict:
+        done, total = self.committed, self.total_blocks
+        return {"complete": self.complete, "blocks_done": done, "blocks_total": total, "sparsity": self.sparsity(),
+                "seconds": self.seconds, "eta_seconds": (self.seconds / done * (total - done)) if done else None,
+                "snapshot_after_block": self.snapshot.after_block if self.snapshot else None,
+                "options": self.options}
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["format"] = FORMAT
+        d["blocks"] = {str(i): asdict(b) for i, b in sorted(self.blocks.items())}
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobState":
+        d = json.loads(text)
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
+            raise ValueError("unknown format")
+        d["blocks"] = {int(i): BlockRecord(**b) for i, b in d["blocks"].items()}
+        d["snapshot"] = Snapshot(**d["snapshot"]) if d["snapshot"] else None
+        return cls(**d)
+
+
+class JobDir:
+    """OUT/.streamprune: the state file, activation snapshots and the activation cache files."""
+
+    def __init__(self, out, rank: int = 0, world: int = 1):
+        self.out = Path(out)
+        self.dir = self.out / STATE_DIR
+        self.rank = rank
+        self.rank_suffix = f".rank{rank}" if world > 1 else ""  # data-parallel ranks keep a snapshot file each
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def load(self) -> JobState:
+        try:
+            return JobState.from_json(self.state_path.read_text())
+        except (OSError, ValueError, TypeError, KeyError):
+            raise StreamPruneError(f"{self.state_path}: unreadable job state; use --restart to discard the job") from None
+
+    def create(self, state: JobState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.out)
+        self.save(state)
+
+    def save(self, state: JobState, event=no_event) -> None:
+        write_atomic(self.state_path, state.to_json().encode(), event)
+
+    def snapshot_path(self, after_block: int) -> Path:
+        return self.dir / f"activations-after-block-{after_block:05d}{self.rank_suffix}.bin"
+
+    def cache_path(self, tag: str) -> Path:
+        return self.dir / f"cache-{tag}-rank{self.rank}.bin"
+
+    def drop_snapshots(self, keep: int | None = None) -> None:
+        """Remove every rank's snapshot files except those taken after block `keep`."""
+        for f in self.dir.glob("activations-after-block-*.bin"):
+            if keep is None or not f.name.startswith(f"activations-after-block-{keep:05d}"):
+                f.unlink()
+
+    def clear_out(self) -> None:
+        """Empty OUT entirely (--overwrite, --restart)."""
+        for entry in self.out.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def file_ok(self, name: str, meta: dict | None) -> bool:
+        path = self.out / name
+        return bool(meta) and path.is_file() and path.stat().st_size == meta["size"] and file_sha256(path) == meta["sha256"]
+
+
+def open_job(jobdir: JobDir, fingerprint: dict, options: dict, total_blocks: int, *, restart: bool,
+             overwrite: bool) -> tuple[JobState, bool]:
+    """A fresh job, or the existing one when its fingerprint matches. Returns (state, resumed)."""
+    out = jobdir.out
+    if jobdir.exists():
+        state = jobdir.load()
+        if restart or overwrite:
+            jobdir.clear_out()
+        else:
+            changes = diff(state.fingerprint, fingerprint)
+            if changes:
+                raise StreamPruneError(f"{out} holds a job with different inputs ({'; '.join(changes[:4])}); "
+                                       f"rerun with the original arguments to resume, or add --restart to discard it")
+            return state, True
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")
+        jobdir.clear_out()
+    out.mkdir(parents=True, exist_ok=True)
+    state = JobState(fingerprint=fingerprint, options=options, total_blocks=total_blocks)
+    jobdir.create(state)
+    return state, False
+
+
+def verify_committed(jobdir: JobDir, state: JobState, first_file: str, log) -> int:
+    """Check the committed files against their sha256; a missing or altered one rolls the job back to before
+    it. Returns the first block to compute."""
+    if not jobdir.file_ok(first_file, state.files.get(first_file)):
+        state.files.pop(first_file, None)
+        state.blocks = {}
+        return 0
+    n = state.committed
+    for i in range(n):
+        name = state.blocks[i].file
+        if not jobdir.file_ok(name, state.files.get(name)):
+            log(f"resume: {name} is missing or altered; redoing from block {i}")
+            state.forget_from(i)
+            return i
+    return n
