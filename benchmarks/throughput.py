@@ -1,20 +1,21 @@
-"""Wall time of streamprune against the same Wanda algorithm with the whole model in memory.
+"""Whole-process wall time of streamprune against the same job in memory and in llm-compressor (the peer).
 
-Both runs go from a checkpoint directory to a pruned checkpoint on disk, on the same machine, with the same
-calibration windows, compute dtype (float32 on CPU), batch size 1 and sdpa attention:
+The job (issue 9): SmolLM2-135M, 16 x 256 calibration tokens (the same pinned windows for every side, drawn from
+WikiText-2 valid with seed 0 and written once as JSONL), float32 on the CPU, Wanda 50% unstructured, batch 1.
+Each side is one fresh process, timed from outside (start-up, imports and saving included):
 
-* streamed: `streamprune.pipeline.prune(...)` (one block in memory, read-ahead and writer threads);
-* in-memory: `from_pretrained` of the whole model in float32, block-0 inputs captured by a forward pre-hook on
-  the first decoder layer that raises (hidden states and kwargs per sequence, use_cache=False), then for every
-  layer a statistics pass with streamprune.wanda.InputStats hooks, wanda_mask on every linear (whole matrix, no
-  row chunks, as the reference does), a propagation pass, and finally `save_pretrained` in the checkpoint dtype.
+* streamprune: `python -m streamprune prune MODEL OUT --calib windows.jsonl ... --json`;
+* in-memory: the same algorithm with the whole model loaded (`from_pretrained` float32, block-0 inputs caught
+  by a pre-hook, then per layer streamprune's own statistics hooks, Wanda masks and a propagation pass, and
+  `save_pretrained` in bf16): what streaming costs over not streaming;
+* llm-compressor 0.14 (`benchmarks/peer_llmcompressor.py` in `.venv-peer`, made by `benchmarks/peer_setup.sh`),
+  when that venv exists.
 
-Every run is a fresh subprocess (so allocator settings and caches of one run do not leak into the other), runs
-alternate (S, M, M, S, ...) and the minimum of each is compared. Other work on the machine slows both alike only
-on average: the load average before each run is recorded.
+Runs rotate (S M P, M P S, P S M, ...), so a slow phase of the machine hits every side; the minimum of each side
+counts, medians are recorded too. The outputs are compared tensor by tensor. Run it alone on the machine.
 
-    python benchmarks/throughput.py                       # SmolLM2-135M (32 x 512) and synthetic 8 x 1B-class blocks
-    python benchmarks/throughput.py --cases smollm2 --repeats 1 --nsamples 4 --seqlen 128   # quick check
+    python benchmarks/throughput.py                        # 3 rounds
+    python benchmarks/throughput.py --rounds 1 --nsamples 4 --seqlen 64    # a quick check
 """
 
 from __future__ import annotations
@@ -23,72 +24,34 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
-
-WIKITEXT = "/work/shared/data/wikitext-2/valid.txt"
-SYNTH = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16, "num_key_value_heads": 8,
-         "max_position_embeddings": 4096}
-SYNTH_TINY = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 4096}
-
-
-# ------------------------------------------------------------------------------------------ the two runs
-
-def run_streamed(model_dir: str, out: str, calib: str, nsamples: int, seqlen: int) -> dict:
-    import torch  # noqa: F401 - imported before the clock starts, as in the in-memory run
-
-    import transformers  # noqa: F401
-
-    from streamprune.pipeline import prune
-
-    shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
-    s = prune(model_dir, out, calib=calib, nsamples=nsamples, seqlen=seqlen, device="cpu", dtype="float32",
-              progress=False, overwrite=True, log=lambda m: None)
-    seconds = time.perf_counter() - t
-    return {"seconds": seconds, "wall_seconds_reported": s["wall_seconds"], "phase_seconds": s["phase_seconds"],
-            "peak_rss_bytes": s["peak_rss_bytes"], "sparsity": s["sparsity"], "activations": s["activations"]}
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+PEER_PY = REPO / ".venv-peer" / "bin" / "python"
 
 
 class _Caught(Exception):
     pass
 
 
-def run_in_memory(model_dir: str, out: str, calib: str, nsamples: int, seqlen: int) -> dict:
-    import resource
-
+def run_in_memory(model_dir: str, out: str, calib: str, nsamples: int, seqlen: int) -> None:
+    """The algorithm of `streamprune prune` with the whole model in memory (this process is timed from outside)."""
     import torch
-    import transformers  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from streamprune.calibration import calibration_windows
-    from streamprune.wanda import InputStats, Structure, wanda_mask
-
-    shutil.rmtree(out, ignore_errors=True)
-    phases = {}
-    t0 = t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - t
-        t = now
+    from streamprune.methods import Structure, Wanda
+    from streamprune.statistics import BlockStatistics
 
     with torch.no_grad():
-        config = AutoConfig.from_pretrained(model_dir)
-        text = config.get_text_config()
-        ids = calibration_windows(calib, Path(model_dir), nsamples, seqlen, 0, text.vocab_size)
-        lap("calibration")
-        ckpt_dtype = text.dtype or torch.bfloat16
+        ckpt_dtype = AutoConfig.from_pretrained(model_dir).get_text_config().dtype or torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-        lap("load")
+        ids = calibration_windows(calib, Path(model_dir), nsamples, seqlen, 0, model.config.vocab_size)
         layers = model.model.layers
         inps, kws = [], []
 
@@ -106,205 +69,148 @@ def run_in_memory(model_dir: str, out: str, calib: str, nsamples: int, seqlen: i
         handle.remove()
         inps = torch.cat(inps)
         outs = torch.empty_like(inps)
-        lap("capture")
-        structure = Structure()
+        wanda, structure = Wanda(), Structure()
 
         def forward(layer, s):
             y = layer(inps[s:s + 1], **kws[s])
             return y[0] if isinstance(y, (tuple, list)) else y
 
         for layer in layers:
-            stats = InputStats(layer)
-            for s in range(nsamples):
-                forward(layer, s)
-            stats.remove()
-            lap("statistics")
+            with BlockStatistics(layer, wanda.needs) as stats:
+                for s in range(nsamples):
+                    try:
+                        forward(layer, s)
+                        stats.forward_done()
+                    except Exception as e:  # StopForward: the statistics are complete for this sequence
+                        if type(e).__name__ != "StopForward":
+                            raise
             for name, lin in stats.linears.items():
-                mask = wanda_mask(lin.weight, stats.scaler[name], 0.5, structure)
-                lin.weight.data.masked_fill_(mask, 0)
-                del mask
-            lap("prune")
+                lin.weight.masked_fill_(wanda.prune(lin.weight, stats.pop(name), 0.5, structure, 0).mask, 0)
             for s in range(nsamples):
                 outs[s:s + 1] = forward(layer, s)
             inps, outs = outs, inps
-            lap("propagate")
-        inps = outs = kws = None  # free the activations before saving
+        inps = outs = kws = None
         model.to(ckpt_dtype).save_pretrained(out)
-        lap("write")
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "phase_seconds": {k: round(v, 4) for k, v in phases.items()},
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-# ------------------------------------------------------------------------------------------ comparison
-
-def compare_checkpoints(a: str, b: str) -> dict:
-    """Tensor-by-tensor equality of two checkpoints (names both hold); zero patterns of the block linears."""
-    from streamprune.shards import Checkpoint
-
-    ca, cb = Checkpoint(a), Checkpoint(b)
-    common = sorted(set(ca.tensors) & set(cb.tensors))
-    differ, mask_diff, mask_total, zeros = [], 0, 0, 0
-    for name in common:
-        x, y = ca.read(name), cb.read(name)
-        if x.shape != y.shape or x.dtype != y.dtype or not bool((x.view(-1).view(torch_uint(x)) ==
-                                                                  y.view(-1).view(torch_uint(y))).all()):
-            differ.append(name)
-        if ".layers." in name and name.endswith("proj.weight"):
-            mx, my = x == 0, y == 0
-            mask_diff += int((mx != my).sum())
-            mask_total += mx.numel()
-            zeros += int(mx.sum())
-    only = sorted(set(ca.tensors) ^ set(cb.tensors))
-    return {"tensors_compared": len(common), "tensors_differing": len(differ), "first_differing": differ[:5],
-            "only_in_one": only, "mask_entries_differing": mask_diff, "mask_entries": mask_total,
-            "sparsity": zeros / mask_total if mask_total else None, "identical": not differ}
+def side_command(side: str, model_dir: Path, out: Path, calib: Path, nsamples: int, seqlen: int) -> list[str]:
+    if side == "streamprune":
+        return [sys.executable, "-m", "streamprune", "prune", str(model_dir), str(out), "--calib", str(calib),
+                "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--dtype", "float32", "--device", "cpu",
+                "--no-progress", "--json"]
+    if side == "in_memory":
+        return [sys.executable, str(Path(__file__).resolve()), "_in_memory", str(model_dir), str(out), str(calib),
+                str(nsamples), str(seqlen)]
+    return [str(PEER_PY), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(model_dir), "--calib",
+            str(calib), "--out", str(out), "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
 
 
-def torch_uint(t):
-    import torch
-
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-
-
-def loadavg() -> list:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
-
-
-def child(kind: str, model_dir: str, out: str, calib: str, nsamples: int, seqlen: int, result: str) -> None:
-    import resource
-
-    fn = run_streamed if kind == "streamed" else run_in_memory
-    u0 = resource.getrusage(resource.RUSAGE_SELF)
-    r = fn(model_dir, out, calib, nsamples, seqlen)
-    u1 = resource.getrusage(resource.RUSAGE_SELF)
-    # CPU time of the run itself (all threads): less sensitive than wall time to other work on a shared machine
-    r.update(cpu_user_seconds=u1.ru_utime - u0.ru_utime, cpu_sys_seconds=u1.ru_stime - u0.ru_stime,
-             minor_faults=u1.ru_minflt - u0.ru_minflt)
-    Path(result).write_text(json.dumps(r))
-
-
-def run_child(kind: str, model_dir, out, calib, nsamples, seqlen, work: Path) -> dict:
-    result = work / f"result-{kind}.json"
-    result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", kind, str(model_dir), str(out), str(calib),
-           str(nsamples), str(seqlen), str(result)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    load = loadavg()
+def timed(cmd: list[str], out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{kind} run failed:\n{p.stderr[-3000:]}")
-    r = json.loads(result.read_text())
-    result.unlink()
-    r["process_seconds"] = time.perf_counter() - t
-    r["loadavg_before"] = load
-    r["loadavg_after"] = loadavg()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if p.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{p.stderr[-3000:]}")
+    r = {"seconds": seconds, "loadavg_before": load}
+    last = [line for line in p.stdout.strip().splitlines() if line.strip()]
+    text = p.stdout[p.stdout.find("{"):] if p.stdout.lstrip().startswith("{") else (last[-1] if last else "")
+    try:
+        info = json.loads(text)
+        r["reported"] = {k: info[k] for k in ("wall_seconds", "seconds", "phase_seconds", "peak_rss_bytes")
+                         if k in info}
+    except ValueError:
+        pass
     return r
 
 
-def bench_case(name: str, model_dir: Path, calib: str, nsamples: int, seqlen: int, repeats: int, work: Path,
-               check: bool) -> dict:
-    outs = {"streamed": work / f"{name}-streamed", "in_memory": work / f"{name}-in-memory"}
-    runs = {"streamed": [], "in_memory": []}
-    order = []
-    for r in range(repeats):
-        order += ["streamed", "in_memory"] if r % 2 == 0 else ["in_memory", "streamed"]
-    for kind in order:
-        r = run_child("streamed" if kind == "streamed" else "in_memory", model_dir, outs[kind], calib, nsamples,
-                      seqlen, work)
-        runs[kind].append(r)
-        print(f"  [{name}] {kind:<9} {r['seconds']:7.1f}s  (process {r['process_seconds']:.1f}s, load "
-              f"{r['loadavg_before'][0] if r['loadavg_before'] else '-'}) phases {r['phase_seconds']}",
-              file=sys.stderr, flush=True)
-    best = {k: min(v, key=lambda x: x["seconds"]) for k, v in runs.items()}
-    ratio = best["streamed"]["seconds"] / best["in_memory"]["seconds"]
-    res = {"model": str(model_dir), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "order": order,
-           "runs": runs, "best_seconds": {k: v["seconds"] for k, v in best.items()}, "ratio_streamed_over_in_memory": ratio,
-           "streamed_phase_seconds": best["streamed"]["phase_seconds"],
-           "in_memory_phase_seconds": best["in_memory"]["phase_seconds"]}
-    if check:
-        res["weights_check"] = compare_checkpoints(str(outs["streamed"]), str(outs["in_memory"]))
-    for p in outs.values():
-        shutil.rmtree(p, ignore_errors=True)
-    return res
+def compare(a: Path, b: Path) -> dict:
+    """Tensor-by-tensor equality of two checkpoints, and how many block-linear zero entries differ."""
+    from safetensors import safe_open
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    common = sorted(set(ta) & set(tb))
+    differ = [n for n in common if ta[n].dtype != tb[n].dtype or not bool((ta[n] == tb[n]).all())]
+    masks = [n for n in common if ".layers." in n and ta[n].dim() == 2]
+    flips = sum(int(((ta[n] == 0) != (tb[n] == 0)).sum()) for n in masks)
+    return {"tensors_compared": len(common), "tensors_differing": len(differ), "first_differing": differ[:3],
+            "mask_entries_differing": flips, "mask_entries": sum(ta[n].numel() for n in masks)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", nargs="+", default=["smollm2", "synthetic"], choices=["smollm2", "synthetic"])
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each kind (alternating order); the min counts")
-    ap.add_argument("--nsamples", type=int, default=32, help="SmolLM2 calibration sequences")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--syn-nsamples", type=int, default=16)
-    ap.add_argument("--syn-seqlen", type=int, default=512)
-    ap.add_argument("--syn-blocks", type=int, default=8)
-    ap.add_argument("--syn-vocab", type=int, default=32000)
-    ap.add_argument("--tiny", action="store_true", help="shrunken synthetic shape (smoke test)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; every side runs once per round")
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--sides", nargs="+", default=["streamprune", "in_memory", "llm_compressor"])
     ap.add_argument("--workdir", default="/tmp/streamprune-throughput")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "throughput.json"))
     a = ap.parse_args(argv)
-    work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
     import torch
 
-    results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-               "cases": {}}
-    try:
-        if "smollm2" in a.cases:
-            from streamprune.demo import build_smollm2
+    from streamprune.calibration import calibration_windows
+    from streamprune.demo import build_smollm2
 
-            model_dir = build_smollm2()
-            print(f"SmolLM2-135M ({model_dir}), {a.nsamples} x {a.seqlen} tokens of {WIKITEXT}, float32 CPU",
+    sides = [s for s in a.sides if s != "llm_compressor" or PEER_PY.is_file()]
+    if "llm_compressor" in a.sides and "llm_compressor" not in sides:
+        print(f"llm-compressor left out: {PEER_PY} not found (bash benchmarks/peer_setup.sh)", file=sys.stderr)
+    work = Path(a.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_dir = build_smollm2()
+    ids = calibration_windows(WIKITEXT, model_dir, a.nsamples, a.seqlen, 0, 49152)
+    calib = work / "windows.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids.tolist()))
+    runs = {s: [] for s in sides}
+    order = []
+    for r in range(a.rounds):
+        round_order = sides[r % len(sides):] + sides[:r % len(sides)]
+        order.append(round_order)
+        for side in round_order:
+            res = timed(side_command(side, model_dir, work / side, calib, a.nsamples, a.seqlen), work / side)
+            runs[side].append(res)
+            print(f"round {r}: {side:<15} {res['seconds']:6.2f} s (load {res['loadavg_before']:.2f})",
                   file=sys.stderr, flush=True)
-            results["cases"]["smollm2"] = bench_case("smollm2", model_dir, WIKITEXT, a.nsamples, a.seqlen, a.repeats,
-                                                     work, check=True)
-        if "synthetic" in a.cases:
-            from synthetic import make_synthetic, write_calibration
-
-            shape = SYNTH_TINY if a.tiny else SYNTH
-            model_dir = work / "synthetic"
-            shutil.rmtree(model_dir, ignore_errors=True)
-            gen = make_synthetic(model_dir, "70b", a.syn_blocks, vocab_size=a.syn_vocab, overrides=shape)
-            calib = write_calibration(work / "synthetic-calib.jsonl", a.syn_nsamples, a.syn_seqlen, a.syn_vocab)
-            print(f"synthetic {a.syn_blocks} blocks {shape}, vocab {a.syn_vocab}, {gen['bytes'] / 1e9:.2f} GB bf16, "
-                  f"{a.syn_nsamples} x {a.syn_seqlen} random tokens, float32 CPU", file=sys.stderr, flush=True)
-            res = bench_case("synthetic", model_dir, str(calib), a.syn_nsamples, a.syn_seqlen, a.repeats, work,
-                             check=True)
-            res.update(shape=shape, blocks=a.syn_blocks, vocab=a.syn_vocab, checkpoint_bytes=gen["bytes"])
-            results["cases"]["synthetic"] = res
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.results).write_text(json.dumps(results, indent=1) + "\n")
-    print("| case | tokens | streamed s | in-memory s | ratio | streamprune phases (s) |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, r in results["cases"].items():
-        ph = ", ".join(f"{k} {v:.1f}" for k, v in r["streamed_phase_seconds"].items())
-        print(f"| {name} | {r['nsamples']} x {r['seqlen']} | {r['best_seconds']['streamed']:.1f} | "
-              f"{r['best_seconds']['in_memory']:.1f} | {r['ratio_streamed_over_in_memory']:.3f} | {ph} |")
-    for name, r in results["cases"].items():
-        ph = ", ".join(f"{k} {v:.1f}" for k, v in r["in_memory_phase_seconds"].items())
-        print(f"{name}: in-memory phases (s): {ph}")
-        all_s = {k: [round(x['seconds'], 1) for x in v] for k, v in r["runs"].items()}
-        print(f"{name}: all runs (s): {all_s}")
-        w = r.get("weights_check")
-        if w:
-            print(f"{name}: streamed vs in-memory weights: {'IDENTICAL' if w['identical'] else 'DIFFERENT'} "
-                  f"({w['tensors_compared']} tensors, {w['tensors_differing']} differ; zero-pattern entries differing "
-                  f"{w['mask_entries_differing']} of {w['mask_entries']}; sparsity {w['sparsity']})")
-    print(f"raw results: {a.results}")
+    checks = {f"{s} vs streamprune": compare(work / "streamprune", work / s) for s in sides if s != "streamprune"}
+    best = {s: min(x["seconds"] for x in v) for s, v in runs.items()}
+    result = {
+        "job": {"model": "SmolLM2-135M (demo build, bf16)", "calibration": f"{a.nsamples} x {a.seqlen} WikiText-2 valid "
+                "windows, seed 0", "compute": "float32, CPU, batch 1", "method": "wanda 50% unstructured"},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "order": order, "runs": runs, "best_seconds": best,
+        "median_seconds": {s: statistics.median(x["seconds"] for x in v) for s, v in runs.items()},
+        "ratios": {f"streamprune / {s}": best["streamprune"] / best[s] for s in sides if s != "streamprune"},
+        "outputs": checks,
+    }
+    Path(a.results).write_text(json.dumps(result, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print("| side | best s | median s | all runs (s) |")
+    print("|---|---:|---:|---|")
+    for s, v in runs.items():
+        every = ", ".join("%.2f" % x["seconds"] for x in v)
+        print(f"| {s} | {best[s]:.2f} | {result['median_seconds'][s]:.2f} | {every} |")
+    for k, v in result["ratios"].items():
+        print(f"{k}: {v:.3f}")
+    for k, v in checks.items():
+        print(f"{k}: {v['tensors_differing']} of {v['tensors_compared']} tensors differ, "
+              f"{v['mask_entries_differing']} of {v['mask_entries']} mask entries")
+    print(f"raw: {a.results}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        kind, model_dir, out, calib, n, L, result = sys.argv[2:9]
-        child(kind, model_dir, out, calib, int(n), int(L), result)
+    if len(sys.argv) > 1 and sys.argv[1] == "_in_memory":
+        model_dir, out, calib, n, L = sys.argv[2:7]
+        sys.path.insert(0, str(REPO))
+        run_in_memory(model_dir, out, calib, int(n), int(L))
     else:
         sys.exit(main())

@@ -77,14 +77,15 @@ class PruneJob:
             self.loop = BlockLoop(spec.pruner, spec.structure, self.rt, self.obs, spec.device, plan.row_chunk)
             try:
                 start = self._verify(resumed)
-                self._write_outside()
-                sparsities = self._block_sparsities(plan)
-                acts = self._activations(plan, start)
-                try:
-                    self._prune_blocks(start, acts, sparsities)
-                finally:
-                    if acts is not None:
-                        acts.close()
+                with BlockIO(self.model.read_block, spec.options.overlap) as io:
+                    self._write_outside(io)
+                    sparsities = self._block_sparsities(plan)
+                    acts = self._activations(plan, start)
+                    try:
+                        self._prune_blocks(io, start, acts, sparsities)
+                    finally:
+                        if acts is not None:
+                            acts.close()
                 if self.rt.dist.main:
                     self._publish()
                 self.rt.dist.barrier()
@@ -98,42 +99,50 @@ class PruneJob:
                 raise
         return self._summary(mon, resumed=resumed, plan=plan)
 
-    def _prune_blocks(self, start: int, acts, sparsities: list[float]) -> None:
-        """The block loop: read (ahead), prune, write (behind), commit; stop at a safe point on a signal."""
-        spec, model, n = self.spec, self.model, self.n_blocks
+    def _prune_blocks(self, io: BlockIO, start: int, acts, sparsities: list[float]) -> None:
+        """The block loop: read (ahead), prune, write and commit (behind); stop at a safe point on a signal."""
+        model, n = self.model, self.n_blocks
         bar = self.obs.bar(total=n, initial=start, desc="blocks", unit="block")
-        with BlockIO(model.read_block, self._write_block, self._commit, spec.options.overlap) as io:
-            for i in range(start, n):
-                if self.rt.stop_requested():
-                    break
-                self.obs.event("block_start")
-                t_block, before = time.perf_counter(), dict(self.obs.seconds)
-                with self.obs.phase("read"):
-                    block, kept = model.load_block(i, io.read(i, ahead=i + 1 if i + 1 < n else None))
-                want = {n_[len(model.block_prefix(i)):] for n_ in kept}
-                try:
-                    result = self.loop.prune_block(i, block, acts, sparsities[i], want)
-                except Stopped:
-                    model.release_block(i)
-                    break
-                tensors = model.block_tensors(i, block, kept, result.masks, result.recomputed) if self.rt.dist.main else None
-                del kept, result.masks
+        for i in range(start, n):
+            if self.rt.stop_requested():
+                break
+            self.obs.event("block_start")
+            t_block, before = time.perf_counter(), dict(self.obs.seconds)
+            with self.obs.phase("read"):
+                block, kept = model.load_block(i, io.read(i, ahead=i + 1 if i + 1 < n else None))
+            want = {name[len(model.block_prefix(i)):] for name in kept}
+            try:
+                result = self.loop.prune_block(i, block, acts, sparsities[i], want)
+            except Stopped:
                 model.release_block(i)
-                snapshot = self._maybe_snapshot(i, acts)
-                phases = {k: round(v - before.get(k, 0.0), 4) for k, v in self.obs.seconds.items()
-                          if v - before.get(k, 0.0) > 0}
-                record = BlockRecord(shard_name(i + 1, n + 1), result.sparsity, result.target, result.linears,
-                                     time.perf_counter() - t_block, phases)
-                io.write(i, tensors, i, record, snapshot)
-                del tensors
-                if acts is not None:
-                    acts.swap()
-                bar.update(1)
-                bar.set_postfix(sparsity=f"{result.sparsity:.3f}")
+                break
+            tensors = model.block_tensors(i, block, kept, result.masks, result.recomputed) if self.rt.dist.main else None
+            del kept, result.masks
+            model.release_block(i)
+            snapshot = self._maybe_snapshot(i, acts)
+            phases = {k: round(v - before.get(k, 0.0), 4) for k, v in self.obs.seconds.items()
+                      if v - before.get(k, 0.0) > 0}
+            record = BlockRecord(shard_name(i + 1, n + 1), result.sparsity, result.target, result.linears,
+                                 time.perf_counter() - t_block, phases)
+            io.write(self._shard_writer(record.file, tensors),
+                     lambda meta, seconds, i=i, record=record, snapshot=snapshot: self._commit(meta, seconds, i, record,
+                                                                                             snapshot))
+            del tensors
+            if acts is not None:
+                acts.swap()
+            bar.update(1)
+            bar.set_postfix(sparsity=f"{result.sparsity:.3f}")
         bar.close()
+        io.flush()
         if self.rt.stop_requested():  # unconditionally: a collective on every rank
             self._save_inputs_on_stop(acts)
-            raise self.rt.interrupted(f"stopped with {self.state.committed} of {n} blocks committed", spec.out)
+            raise self.rt.interrupted(f"stopped with {self.state.committed} of {n} blocks committed", self.spec.out)
+
+    def _shard_writer(self, name: str, tensors: dict | None):
+        """The write of one shard (nothing on ranks other than 0, which do not write)."""
+        if tensors is None:
+            return lambda: None
+        return lambda: write_shard(self.spec.out / name, tensors, self.obs.event)
 
     # ------------------------------------------------------------------ phases
 
@@ -198,16 +207,18 @@ class PruneJob:
         self.obs.log(f"resume: {start} of {self.n_blocks} blocks already committed")
         return start
 
-    def _write_outside(self) -> None:
+    def _write_outside(self, io: BlockIO) -> None:
         """The shard of everything outside the blocks (embeddings, final norm, head), copied as it is."""
         name = shard_name(0, self.n_blocks + 1)
         if name in self.state.files or not self.rt.dist.main:
             return
-        with self.obs.phase("write"):
-            tensors = {n: self.ckpt.read(n) for n in self.model.other_names()}
-            self.state.files[name] = write_shard(self.spec.out / name, tensors, self.obs.event)
-            del tensors
+        tensors = {n: self.ckpt.read(n) for n in self.model.other_names()}
+
+        def then(meta, seconds):
+            self.obs.add("write", seconds)
+            self.state.files[name] = meta
             self.jobdir.save(self.state, self.obs.event)
+        io.write(self._shard_writer(name, tensors), then)
 
     def _block_sparsities(self, plan) -> list[float]:
         """Each block's target: uniform, or from a sweeping profile (OWL), whose result is kept in the state."""
@@ -275,11 +286,9 @@ class PruneJob:
             raise
         return acts
 
-    def _write_block(self, i: int, tensors: dict) -> dict:
-        return write_shard(self.spec.out / shard_name(i + 1, self.n_blocks + 1), tensors, self.obs.event)
-
     def _commit(self, meta: dict | None, write_seconds: float, i: int, record: BlockRecord, snapshot) -> None:
-        """Record block i once its shard is on disk (rank 0 saves; the other ranks keep count)."""
+        """Record block i once its shard is on disk (rank 0 saves; the other ranks keep count). Runs on the I/O
+        thread; the main thread reads the state only after `io.flush()`."""
         self.obs.add("write", write_seconds)
         record.phase_seconds["write"] = round(write_seconds, 4)
         self.state.commit(i, record, meta)
@@ -288,7 +297,7 @@ class PruneJob:
         if self.rt.dist.main:
             self.jobdir.save(self.state, self.obs.event)
             if snapshot is not None:
-                self.jobdir.drop_snapshots(keep=snapshot.after_block)
+                self.jobdir.drop_snapshots(before=snapshot.after_block)
 
     def _maybe_snapshot(self, i: int, acts):
         """Every `snapshot_every` blocks (not after the last) save the next block's inputs."""
@@ -305,7 +314,7 @@ class PruneJob:
         self.state.snapshot = save_snapshot(self, done - 1, acts.inputs, acts)
         if self.rt.dist.main:
             self.jobdir.save(self.state, self.obs.event)
-            self.jobdir.drop_snapshots(keep=done - 1)
+            self.jobdir.drop_snapshots(before=done - 1)
 
     def _publish(self) -> None:
         spec, model = self.spec, self.model

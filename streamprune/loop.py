@@ -12,8 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .memory import trim
 from .model import block_output
 from .statistics import BlockStatistics, StopForward
+
+
+TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
 
 
 class Stopped(Exception):
@@ -89,6 +93,8 @@ class BlockLoop:
                 if name + ".weight" in want_masks:
                     result.masks[name + ".weight"] = pruned.mask
                 del pruned
+                if lin.weight.numel() >= TRIM_ELEMENTS:
+                    trim()  # its metric and selection workspace went back to malloc: give the pages to the OS
         del stats
         if self.pruner.needs_data:
             with self.obs.phase("propagate", self.device):

@@ -30,7 +30,8 @@ def host_empty(shape, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if pin or nbytes < OWN_MAPPING_BYTES:
         return torch.empty(shape, dtype=dtype, pin_memory=pin)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).reshape(shape)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the default is a shared mapping
+    return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def trim() -> None:

@@ -153,11 +153,12 @@ class JobDir:
     def cache_path(self, tag: str) -> Path:
         return self.dir / f"cache-{tag}-rank{self.rank}.bin"
 
-    def drop_snapshots(self, keep: int | None = None) -> None:
-        """Remove every rank's snapshot files except those taken after block `keep`."""
+    def drop_snapshots(self, before: int | None = None) -> None:
+        """Remove every rank's snapshot files taken after a block earlier than `before` (all when None); a newer
+        snapshot being written meanwhile is never touched."""
         for f in self.dir.glob("activations-after-block-*.bin"):
-            if keep is None or not f.name.startswith(f"activations-after-block-{keep:05d}"):
-                f.unlink()
+            if before is None or int(f.name.split("-")[3][:5]) < before:
+                f.unlink(missing_ok=True)
 
     def clear_out(self) -> None:
         """Empty OUT entirely (--overwrite, --restart)."""
@@ -173,16 +174,15 @@ def open_job(jobdir: JobDir, fingerprint: dict, options: dict, total_blocks: int
              overwrite: bool) -> tuple[JobState, bool]:
     """A fresh job, or the existing one when its fingerprint matches. Returns (state, resumed)."""
     out = jobdir.out
-    if jobdir.exists():
+    if jobdir.exists() and (restart or overwrite):
+        jobdir.clear_out()
+    elif jobdir.exists():
         state = jobdir.load()
-        if restart or overwrite:
-            jobdir.clear_out()
-        else:
-            changes = diff(state.fingerprint, fingerprint)
-            if changes:
-                raise StreamPruneError(f"{out} holds a job with different inputs ({'; '.join(changes[:4])}); "
-                                       f"rerun with the original arguments to resume, or add --restart to discard it")
-            return state, True
+        changes = diff(state.fingerprint, fingerprint)
+        if changes:
+            raise StreamPruneError(f"{out} holds a job with different inputs ({'; '.join(changes[:4])}); "
+                                   f"rerun with the original arguments to resume, or add --restart to discard it")
+        return state, True
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
             raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")

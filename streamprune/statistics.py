@@ -105,6 +105,7 @@ class LinearStats:
 
     def __init__(self, needs: frozenset, columns: int, device, record: bool):
         self.record = record
+        self.last_use = True     # see BlockStatistics.pop
         self.records: list = []  # data-parallel: (need, contribution) per batch, replayed by `reduce`
         self._sq = SquaredNorms(columns, device) if "sq_norm" in needs else None
         self.moments = ChannelMoments(columns, device) if "moments" in needs else None
@@ -135,38 +136,61 @@ class LinearStats:
 
 
 class BlockStatistics:
-    """Pre-hooks on every nn.Linear of a block while the block runs its dense pass; a context manager."""
+    """Pre-hooks on every nn.Linear of a block while the block runs its dense pass; a context manager.
+
+    Linears that are called with the very same input tensor (q/k/v, gate/up) share one LinearStats once the
+    first forward has shown it: the same values, computed (and held, for Hessians) once."""
 
     def __init__(self, block: nn.Module, needs: frozenset, record: bool = False, stop_early: bool = True):
         self.linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         self.stats = {n: LinearStats(needs, m.in_features, m.weight.device, record) for n, m in self.linears.items()}
         self.stop_early = stop_early
-        self._calls: list[nn.Module] | None = []  # linears in call order during the first forward
+        self._first: list | None = []     # (name, module, input) per call during the first forward
+        self._followers: set[str] = set()  # linears whose statistics are another's (same input)
         self._last: nn.Module | None = None
         self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
 
     def _hook(self, name: str):
         def hook(module, args):
-            self.stats[name].add(args[0])
-            if self._calls is not None:
-                self._calls.append(module)
+            x = args[0]
+            if name not in self._followers:
+                self.stats[name].add(x)
+            if self._first is not None:
+                self._first.append((name, module, x))
             elif module is self._last:
                 raise StopForward
         return hook
 
     def forward_done(self) -> None:
-        """After a forward that ran to the end: the first one fixes which linear ends later passes early (only
-        when every linear ran exactly once; a block that calls one twice is run to the end every time)."""
-        if self._calls is None:
+        """After a forward that ran to the end. The first one fixes which linears share statistics and which
+        linear ends later passes early; only when every linear ran exactly once (a block that calls one twice
+        is left alone: no sharing, run to the end every time)."""
+        if self._first is None:
             return
-        calls, self._calls = self._calls, None
-        if self.stop_early and len(calls) == len(self.linears) and len(set(map(id, calls))) == len(calls):
-            self._last = calls[-1]
+        calls, self._first = self._first, None
+        names = [n for n, _, _ in calls]
+        if len(names) != len(self.linears) or len(set(names)) != len(names):
+            return
+        leaders: dict = {}
+        for name, _, x in calls:  # the inputs are still referenced here, so their ids are distinct
+            leader = leaders.setdefault((id(x), x._version), name)
+            if leader != name:
+                self.stats[name] = self.stats[leader]  # its own first contribution was the same: dropped
+                self._followers.add(name)
+        if self.stop_early:
+            self._last = calls[-1][1]
+
+    def _unique(self) -> dict:
+        out: dict = {}
+        for n, st in self.stats.items():
+            out.setdefault(id(st), (n, st))
+        return dict(out.values())
 
     def reduce(self, dist) -> None:
         """Data-parallel: replay every rank's recorded batches in rank (= global batch) order; sum Hessians."""
-        gathered = dist.gather({n: st.records for n, st in self.stats.items()})
-        for n, st in self.stats.items():
+        unique = self._unique()
+        gathered = dist.gather({n: st.records for n, st in unique.items()})
+        for n, st in unique.items():
             st.records = []
             for records in gathered:
                 st.replay(records[n])
@@ -179,7 +203,10 @@ class BlockStatistics:
                 hs.H /= hs.nsamples
 
     def pop(self, name: str) -> LinearStats:
-        return self.stats.pop(name)
+        """One linear's statistics, handed over; `last_use` says no other linear still needs them."""
+        st = self.stats.pop(name)
+        st.last_use = not any(other is st for other in self.stats.values())
+        return st
 
     def __enter__(self):
         return self
@@ -188,4 +215,5 @@ class BlockStatistics:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._first = None
         return False

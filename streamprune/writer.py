@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -82,11 +83,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], event=no_event) ->
                 raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
             raise
         size, digest = tmp.stat().st_size, hashlib.sha256()
-        with open(tmp, "rb") as f:
-            done = 0
-            for chunk in iter(lambda: f.read(READ_CHUNK), b""):
+        with open(tmp, "rb", buffering=0) as f:
+            for done, chunk in _chunks(f):
                 digest.update(chunk)
-                done += len(chunk)
                 if done - len(chunk) < size // 2 <= done:
                     event("mid_shard", path.name)
         publish(tmp, path, event)
@@ -95,10 +94,19 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], event=no_event) ->
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+def _chunks(f):
+    """(bytes so far, chunk) over an unbuffered file, read into one mapping of its own: no 16 MB allocations
+    left to grow malloc's heap in the writer thread."""
+    view, done = memoryview(mmap.mmap(-1, READ_CHUNK)), 0
+    while n := f.readinto(view):
+        done += n
+        yield done, view[:n]
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(READ_CHUNK), b""):
+    with open(path, "rb", buffering=0) as f:
+        for _, chunk in _chunks(f):
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -16,8 +16,8 @@ class SparseGPT(Method):
     updates_weights = True
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
-        # the statistics are dropped after this linear, so the Hessian's memory is reused for the factorization
-        new, mask = sparsegpt_prune(weight, stats.hessian.H, sparsity, structure, overwrite_H=True)
+        # once no other linear shares this Hessian, its memory is reused for the factorization
+        new, mask = sparsegpt_prune(weight, stats.hessian.H, sparsity, structure, overwrite_H=stats.last_use)
         return Pruned(mask, new)
 
 
