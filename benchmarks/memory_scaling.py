@@ -9,9 +9,9 @@ benchmarks/synthetic.py, pruned on CPU in a subprocess (`python -m streamprune p
     python benchmarks/memory_scaling.py --tiny                # a 1-minute smoke test with a shrunken shape
     python benchmarks/memory_scaling.py --replan              # re-predict stored results with the current plan.py
 
-`--diagnose N` reruns the N-block prune through a wrapper that tags every RSS sample with the pipeline phase
-the main thread is in (read / statistics / prune / propagate / block_tensors / commit ...) and whether the
-read-ahead or the writer thread is busy, which is how a wrong term of the memory model is found.
+`--diagnose N` reruns the N-block prune with an Observer that tags every RSS sample with the phase the main
+thread is in (read / statistics / prune / propagate ...) and what the I/O thread is doing (read_block / write),
+which is how a wrong term of the memory model is found.
 """
 
 from __future__ import annotations
@@ -99,32 +99,51 @@ def run_json(cmd: list[str], sample: bool = False, timeout: float | None = None)
 # ------------------------------------------------------------------------------------------ phase diagnosis
 
 def phase_child(argv: list[str]) -> None:
-    """Run `streamprune <argv>` in this process with every RSS sample tagged by the phase it was taken in."""
+    """Run `streamprune <argv>` in this process with every RSS sample tagged by the phase the main thread is in
+    and the phases the I/O thread is in, through an Observer (streamprune.runtime)."""
     import contextlib
-    import functools
 
-    import streamprune.memory as mem
-    import streamprune.pipeline as pl
+    from streamprune.cli import main
+    from streamprune.runtime import Observer
 
     page = os.sysconf("SC_PAGE_SIZE")
-    state = {"phase": "startup", "reading": 0, "writing": 0}
+    state = {"main": "startup", "background": set()}
     peaks: dict[str, dict] = {}
     lock = threading.Lock()
-
-    def tag():
-        bg = "+".join(x for x, k in (("readahead", "reading"), ("writer", "writing")) if state[k])
-        return state["phase"] + (f" [{bg}]" if bg else "")
 
     def sample():
         with open("/proc/self/statm") as f:
             _, rss, shared = (int(x) for x in f.read().split()[:3])
-        key = tag()
         with lock:
+            bg = "+".join(sorted(state["background"]))
+            key = state["main"] + (f" [{bg}]" if bg else "")
             p = peaks.setdefault(key, {"rss": 0, "anon": 0, "file": 0, "samples": 0})
             p["rss"] = max(p["rss"], rss * page)
             p["anon"] = max(p["anon"], (rss - shared) * page)
             p["file"] = max(p["file"], shared * page)
             p["samples"] += 1
+
+    class Tagging(Observer):
+        @contextlib.contextmanager
+        def phase(self, name, device=None):
+            main_thread = threading.current_thread() is threading.main_thread()
+            with lock:
+                prev = state["main"]
+                if main_thread:
+                    state["main"] = name
+                else:
+                    state["background"].add(name)
+            sample()
+            try:
+                with super().phase(name, device):
+                    yield
+            finally:
+                sample()
+                with lock:
+                    if main_thread:
+                        state["main"] = prev
+                    else:
+                        state["background"].discard(name)
 
     stop = threading.Event()
 
@@ -132,68 +151,12 @@ def phase_child(argv: list[str]) -> None:
         while not stop.wait(0.005):
             sample()
 
-    orig_timer = mem.Timers.__call__
-
-    @contextlib.contextmanager
-    def tagged_timer(self, phase, sync_device=None):
-        if threading.current_thread() is not threading.main_thread():
-            with orig_timer(self, phase, sync_device):
-                yield
-            return
-        prev, state["phase"] = state["phase"], phase
-        sample()
-        try:
-            with orig_timer(self, phase, sync_device):
-                yield
-        finally:
-            sample()
-            state["phase"] = prev
-
-    mem.Timers.__call__ = tagged_timer
-
-    def wrap_main(name, label):
-        fn = getattr(pl.PruneJob, name)
-
-        @functools.wraps(fn)
-        def wrapper(self, *a, **k):
-            if threading.current_thread() is not threading.main_thread():
-                return fn(self, *a, **k)
-            prev, state["phase"] = state["phase"], label
-            sample()
-            try:
-                return fn(self, *a, **k)
-            finally:
-                sample()
-                state["phase"] = prev
-        setattr(pl.PruneJob, name, wrapper)
-
-    def wrap_bg(name, key):
-        fn = getattr(pl.PruneJob, name)
-
-        @functools.wraps(fn)
-        def wrapper(self, *a, **k):
-            if threading.current_thread() is threading.main_thread():
-                return fn(self, *a, **k)
-            state[key] += 1
-            try:
-                return fn(self, *a, **k)
-            finally:
-                sample()
-                state[key] -= 1
-        setattr(pl.PruneJob, name, wrapper)
-
-    for name, label in (("_block_tensors", "block_tensors"), ("_commit", "commit (waits for the writer)"),
-                        ("_maybe_snapshot", "snapshot"), ("_publish", "publish"), ("open_job", "open_job"),
-                        ("_materialize", "materialize")):
-        if hasattr(pl.PruneJob, name):
-            wrap_main(name, label)
-    wrap_bg("_read_block", "reading")
-    wrap_bg("_timed_write", "writing")
-
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
-    from streamprune.cli import main
+    import streamprune.job as job
 
+    original = job.prune
+    job.prune = lambda model, out, **kw: original(model, out, observer=Tagging(progress=False), **kw)
     try:
         main(argv, standalone_mode=True)
     finally:

@@ -7,7 +7,8 @@ Each side is one fresh process, timed from outside (start-up, imports and saving
 * streamprune: `python -m streamprune prune MODEL OUT --calib windows.jsonl ... --json`;
 * in-memory: the same algorithm with the whole model loaded (`from_pretrained` float32, block-0 inputs caught
   by a pre-hook, then per layer streamprune's own statistics hooks, Wanda masks and a propagation pass, and
-  `save_pretrained` in bf16): what streaming costs over not streaming;
+  `save_pretrained` in bf16), in a process given streamprune's own process settings (garbage collection off
+  while importing, then on for new objects only; no interpreter teardown): what streaming alone costs;
 * llm-compressor 0.14 (`benchmarks/peer_llmcompressor.py` in `.venv-peer`, made by `benchmarks/peer_setup.sh`),
   when that venv exists.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -108,12 +110,15 @@ def side_command(side: str, model_dir: Path, out: Path, calib: Path, nsamples: i
 def timed(cmd: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise RuntimeError(f"{cmd[:4]} failed:\n{p.stderr[-3000:]}")
-    r = {"seconds": seconds, "loadavg_before": load}
+    r = {"seconds": seconds, "loadavg_before": load,  # CPU seconds of all its threads: less noisy than wall time
+         "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
     last = [line for line in p.stdout.strip().splitlines() if line.strip()]
     text = p.stdout[p.stdout.find("{"):] if p.stdout.lstrip().startswith("{") else (last[-1] if last else "")
     try:
@@ -178,7 +183,8 @@ def main(argv=None) -> int:
         for side in round_order:
             res = timed(side_command(side, model_dir, work / side, calib, a.nsamples, a.seqlen), work / side)
             runs[side].append(res)
-            print(f"round {r}: {side:<15} {res['seconds']:6.2f} s (load {res['loadavg_before']:.2f})",
+            print(f"round {r}: {side:<15} {res['seconds']:6.2f} s, cpu {res['cpu_seconds']:6.2f} s "
+                  f"(load {res['loadavg_before']:.2f})",
                   file=sys.stderr, flush=True)
     checks = {f"{s} vs streamprune": compare(work / "streamprune", work / s) for s in sides if s != "streamprune"}
     best = {s: min(x["seconds"] for x in v) for s, v in runs.items()}
@@ -209,8 +215,17 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_in_memory":
+        import gc
+
+        gc.disable()
         model_dir, out, calib, n, L = sys.argv[2:7]
         sys.path.insert(0, str(REPO))
-        run_in_memory(model_dir, out, calib, int(n), int(L))
+        from streamprune.runtime import collect_new_only
+
+        with collect_new_only():
+            run_in_memory(model_dir, out, calib, int(n), int(L))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     else:
         sys.exit(main())

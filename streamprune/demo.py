@@ -111,7 +111,7 @@ def dir_bytes(path: Path) -> int:
 def run_demo(out: Path, sparsity: float = 0.5, nsamples: int = 16, seqlen: int = 128, log=print) -> dict:
     """Build the model, write calibration text, prune it in a child process (so the reported peak memory is the
     prune's own, not the text generation's), and compare greedy continuations before and after."""
-    from .memory import human_bytes
+    from .units import human_bytes
 
     t = time.perf_counter()
     model_dir = build_smollm2()

@@ -27,6 +27,7 @@ from .calibration import read_text, tokenize
 from .errors import StreamPruneError
 from .memory import MemoryMonitor
 from .model import StreamedModel, block_output, capture
+from .runtime import collect_new_only
 from .shards import Checkpoint
 from .spec import ModelInfo, compute_dtype, parse_dtype, resolve_device
 
@@ -149,7 +150,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
 
     ckpt = Checkpoint(info.path)
     compute = compute_dtype(requested, ckpt.dtype, dev)
-    with MemoryMonitor(device=dev) as mon:
+    with collect_new_only(), MemoryMonitor(device=dev) as mon:
         model = _Evaluator(info.config, ckpt, dev, compute)
         model.check()
         n = data.shape[0]

@@ -7,13 +7,15 @@ Writes and their commits run in submission order. With `overlap=False` everythin
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 
 class BlockIO:
-    def __init__(self, read: Callable[[int], dict], overlap: bool = True):
-        self._read = read
+    def __init__(self, read: Callable[[int], dict], overlap: bool = True, phase=None):
+        self._read_block = read
+        self._phase = phase or (lambda name: nullcontext())  # the reads and writes are timed as observer phases
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-io") if overlap else None
         self._prefetch: tuple[int, Future] | None = None
         self._writes: list[Future] = []
@@ -37,10 +39,14 @@ class BlockIO:
         else:
             self._writes.append(self._pool.submit(self._run, write, then))
 
-    @staticmethod
-    def _run(write, then) -> None:
+    def _read(self, i: int) -> dict:
+        with self._phase("read_block"):
+            return self._read_block(i)
+
+    def _run(self, write, then) -> None:
         t = time.perf_counter()
-        meta = write()
+        with self._phase("write"):
+            meta = write()
         then(meta, time.perf_counter() - t)
 
     def _raise_failed(self) -> None:

@@ -22,7 +22,7 @@ from .calibration import calibration_windows
 from .errors import StreamPruneError
 from .io import BlockIO
 from .loop import BlockLoop, Stopped
-from .memory import MemoryMonitor, human_bytes
+from .memory import MemoryMonitor
 from .model import StreamedModel
 from .plan import block_shape, itemsize, make_plan
 from .resume import block_inputs, save_snapshot
@@ -30,7 +30,11 @@ from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
 from .spec import PruneOptions, PruneSpec
 from .state import BlockRecord, JobDir, open_job, verify_committed
+from .units import human_bytes
 from .writer import copy_side_files, shard_name, write_index, write_shard
+
+
+BACKGROUND_PHASES = ("read_block", "write")  # on the I/O thread, overlapping other blocks' main-thread phases
 
 
 def prune(model, out, *, observer: Observer | None = None, log=None, **options) -> dict:
@@ -77,7 +81,7 @@ class PruneJob:
             self.loop = BlockLoop(spec.pruner, spec.structure, self.rt, self.obs, spec.device, plan.row_chunk)
             try:
                 start = self._verify(resumed)
-                with BlockIO(self.model.read_block, spec.options.overlap) as io:
+                with BlockIO(self.model.read_block, spec.options.overlap, self.obs.phase) as io:
                     self._write_outside(io)
                     sparsities = self._block_sparsities(plan)
                     acts = self._activations(plan, start)
@@ -121,7 +125,7 @@ class PruneJob:
             model.release_block(i)
             snapshot = self._maybe_snapshot(i, acts)
             phases = {k: round(v - before.get(k, 0.0), 4) for k, v in self.obs.seconds.items()
-                      if v - before.get(k, 0.0) > 0}
+                      if v - before.get(k, 0.0) > 0 and k not in BACKGROUND_PHASES}
             record = BlockRecord(shard_name(i + 1, n + 1), result.sparsity, result.target, result.linears,
                                  time.perf_counter() - t_block, phases)
             io.write(self._shard_writer(record.file, tensors),
@@ -215,7 +219,6 @@ class PruneJob:
         tensors = {n: self.ckpt.read(n) for n in self.model.other_names()}
 
         def then(meta, seconds):
-            self.obs.add("write", seconds)
             self.state.files[name] = meta
             self.jobdir.save(self.state, self.obs.event)
         io.write(self._shard_writer(name, tensors), then)
@@ -289,7 +292,6 @@ class PruneJob:
     def _commit(self, meta: dict | None, write_seconds: float, i: int, record: BlockRecord, snapshot) -> None:
         """Record block i once its shard is on disk (rank 0 saves; the other ranks keep count). Runs on the I/O
         thread; the main thread reads the state only after `io.flush()`."""
-        self.obs.add("write", write_seconds)
         record.phase_seconds["write"] = round(write_seconds, 4)
         self.state.commit(i, record, meta)
         if snapshot is not None:

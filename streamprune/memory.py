@@ -93,13 +93,3 @@ class MemoryMonitor:
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
             out["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         return out
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-GiB = 1024 ** 3
+from .units import GiB, parse_size
+
 WORKSPACE_BYTES = 512 * 1024 ** 2   # target transient of the metric + sort of one row chunk
 BYTES_PER_METRIC_ELEMENT = 4 + 4 + 8 + 1 + 4  # metric, sorted values, sorted indices, mask, |W| temp
 HOST_HEADROOM = 0.85  # fraction of available host memory the activation cache may take
@@ -147,24 +148,6 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "MIB": 1024 ** 2,
-         "G": GiB, "GB": GiB, "GIB": GiB, "T": 1024 ** 4, "TB": 1024 ** 4, "TIB": 1024 ** 4}
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'24GB' -> bytes. Memory sizes are binary (a '24 GB' card has 24 GiB), so GB and GiB both mean 2**30."""
-    if text is None or isinstance(text, int):
-        return text
-    import re
-
-    from .errors import StreamPruneError
-
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in UNITS:
-        raise StreamPruneError(f"{text!r}: not a memory size (e.g. 24GB, 512MiB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 128, seqlen: int | None = None,

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .errors import StreamPruneError
-from .memory import human_bytes
+from .units import human_bytes
 from .shards import Checkpoint
 from .state import Snapshot
 from .writer import publish, temporary

@@ -164,7 +164,7 @@ class PruneOptions:
             raise StreamPruneError("--seqlen must be at least 2")
         if self.snapshot_every < 0:
             raise StreamPruneError("--snapshot-every must be 0 (never) or more")
-        from .plan import parse_size
+        from .units import parse_size
 
         parse_size(self.gpu_memory_limit)
 
@@ -189,7 +189,7 @@ class PruneSpec:
 
     @classmethod
     def resolve(cls, model, out, options: PruneOptions, local_rank: int | None = None) -> "PruneSpec":
-        from .plan import parse_size
+        from .units import parse_size
         from .shards import Checkpoint
 
         options.check()

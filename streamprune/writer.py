@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import torch
 from .shards import INDEX_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
-READ_CHUNK = 1 << 24
+READ_CHUNK = 1 << 20
 
 
 def shard_name(i: int, total: int) -> str:
@@ -95,9 +94,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], event=no_event) ->
 
 
 def _chunks(f):
-    """(bytes so far, chunk) over an unbuffered file, read into one mapping of its own: no 16 MB allocations
-    left to grow malloc's heap in the writer thread."""
-    view, done = memoryview(mmap.mmap(-1, READ_CHUNK)), 0
+    """(bytes so far, chunk) over an unbuffered file, read into one small buffer: no large allocations left
+    behind in malloc's heap by the writer thread."""
+    view, done = memoryview(bytearray(READ_CHUNK)), 0
     while n := f.readinto(view):
         done += n
         yield done, view[:n]

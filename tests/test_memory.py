@@ -23,11 +23,12 @@ def test_peak_rss_flat_in_number_of_blocks(tmp_path):
                  vocab_size=512, shard_size="50MB")
     calib = write_ids(tmp_path / "ids.jsonl", 4, 64, vocab=512)
     peaks = {}
-    for n in (4, 8):
+    for n in (2, 8):
         model = make_checkpoint(tmp_path / f"m{n}", "llama", num_hidden_layers=n, **shape)
         peaks[n] = peak_rss(model, tmp_path / f"out{n}", calib)
-    block_bytes = peaks[4]["plan"]["block_bytes_compute"]
-    growth = peaks[8]["peak_rss_bytes"] - peaks[4]["peak_rss_bytes"]
-    assert peaks[8]["peak_rss_bytes"] <= 1.10 * peaks[4]["peak_rss_bytes"], peaks
-    # a leak of one block per block would add 4 blocks; stay well under one
+    block_bytes = peaks[2]["plan"]["block_bytes_compute"]
+    growth = peaks[8]["peak_rss_bytes"] - peaks[2]["peak_rss_bytes"]
+    assert peaks[8]["peak_rss_bytes"] <= 1.05 * peaks[2]["peak_rss_bytes"], (peaks[2]["peak_rss_bytes"],
+                                                                              peaks[8]["peak_rss_bytes"])
+    # a leak of one block per block would add 6 blocks; stay under one
     assert growth < block_bytes, (growth, block_bytes)

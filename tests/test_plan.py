@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from conftest import SHARED
 from streamprune.cli import main
-from streamprune.plan import GiB, parse_size, plan_for
+from streamprune.plan import plan_for
+from streamprune.units import GiB, parse_size
 
 CONFIGS = SHARED / "data" / "configs"
 

@@ -1,0 +1,31 @@
+"""Byte counts in and out: '24GB' -> bytes, bytes -> '1.5 GiB'. No torch here: the CLI imports it first."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import StreamPruneError
+
+GiB = 1024 ** 3
+UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "MIB": 1024 ** 2,
+         "G": GiB, "GB": GiB, "GIB": GiB, "T": 1024 ** 4, "TB": 1024 ** 4, "TIB": 1024 ** 4}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'24GB' -> bytes. Memory sizes are binary (a '24 GB' card has 24 GiB), so GB and GiB both mean 2**30."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in UNITS:
+        raise StreamPruneError(f"{text!r}: not a memory size (e.g. 24GB, 512MiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
