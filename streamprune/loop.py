@@ -100,3 +100,16 @@ class BlockLoop:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")
         return result
+
+    def sweep(self, model, acts, profile) -> list[float]:
+        """A sweeping profile's dense pass over every block: each block's score, from its dense statistics,
+        its outputs the next block's inputs (nothing is pruned)."""
+        scores = []
+        for i in self.obs.bar(range(len(model.blocks)), desc=f"{profile.name} sweep", unit="block"):
+            block, _ = model.load_block(i)
+            stats = self.statistics(block, i, acts, profile.needs, profile.name, outputs=True)
+            scores.append(profile.score([(m.weight, stats.stats[n]) for n, m in stats.linears.items()], self.row_chunk))
+            del stats
+            model.release_block(i)
+            acts.swap()
+        return scores

@@ -146,6 +146,39 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
                 bool(fits), reason)
 
 
+def plan_job(spec, blocks, ckpt) -> Plan:
+    """The plan of a resolved prune job on this machine: free GPU memory (under any cap) and available host memory."""
+    import psutil
+
+    o = spec.options
+    gpu_free = None
+    if spec.device.type == "cuda":
+        gpu_free = torch.cuda.mem_get_info(spec.device)[0]
+        if spec.gpu_limit:
+            gpu_free = min(gpu_free, spec.gpu_limit)
+    return make_plan(block_shape(blocks, spec.model.config), nsamples=o.nsamples, seqlen=o.seqlen, batch=o.batch_size,
+                     ckpt_itemsize=itemsize(spec.checkpoint_dtype), compute_itemsize=itemsize(spec.dtype),
+                     device_type=spec.device.type, tier=o.activations, gpu_free=gpu_free,
+                     host_free=psutil.virtual_memory().available,
+                     checkpoint_bytes=sum(t.nbytes for t in ckpt.tensors.values()), needs_activations=spec.needs_data,
+                     snapshot=o.snapshot_every > 0)
+
+
+def check_disk(plan: Plan, out, written: int) -> None:
+    """Enough free space in OUT for what is left to write, plus a margin (2%, at least 1 MiB)."""
+    import shutil
+
+    from .errors import StreamPruneError
+    from .units import human_bytes
+
+    remaining = max(0, plan.disk_bytes - written)
+    need = remaining + max(1024 ** 2, remaining // 50)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise StreamPruneError(f"not enough disk space in {out}: the job needs {human_bytes(need)} "
+                               f"(pruned shards plus activation cache plus margin), {human_bytes(free)} is free")
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

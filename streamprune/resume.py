@@ -95,3 +95,22 @@ def load_snapshot(path, acts) -> None:
             buf = torch.empty((b - a) * row, dtype=torch.uint8)
             f.readinto(memoryview(buf.numpy()))
             store.write(a, buf.view(dtype).reshape(b - a, seqlen, hidden))
+
+
+def snapshot_after(job, i: int, acts) -> Snapshot | None:
+    """Every `--snapshot-every` blocks (not after the last) save the next block's inputs."""
+    k = job.spec.options.snapshot_every
+    if acts is None or i == job.n_blocks - 1 or not (k and (i + 1) % k == 0):
+        return None
+    return save_snapshot(job, i, acts.outputs, acts)
+
+
+def keep_inputs_on_stop(job, acts) -> None:
+    """On a signal, keep the next block's inputs so the resume needs no recomputation."""
+    done, snap = job.state.committed, job.state.snapshot
+    if acts is None or done == 0 or done == job.n_blocks or (snap and snap.after_block == done - 1):
+        return
+    job.state.snapshot = save_snapshot(job, done - 1, acts.inputs, acts)
+    if job.rt.dist.main:
+        job.jobdir.save(job.state, job.obs.event)
+        job.jobdir.drop_snapshots(before=done - 1)

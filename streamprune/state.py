@@ -8,6 +8,7 @@ recompute the whole prefix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -168,6 +169,35 @@ class JobDir:
     def file_ok(self, name: str, meta: dict | None) -> bool:
         path = self.out / name
         return bool(meta) and path.is_file() and path.stat().st_size == meta["size"] and file_sha256(path) == meta["sha256"]
+
+
+def fingerprint(spec, ckpt, windows, ranks: int) -> dict:
+    """Everything that determines the output: a job in OUT with another fingerprint is not this job."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    o = spec.options
+    options = {k: getattr(o, k) for k in o.RESULT_KEYS}
+    options.update(dtype=str(spec.dtype).replace("torch.", ""), structure=str(spec.structure),
+                   device_type=spec.device.type, ranks=ranks)
+    fp = {"checkpoint": ckpt.fingerprint(),
+          "config_sha256": hashlib.sha256((spec.model.path / "config.json").read_bytes()).hexdigest(),
+          "options": options,
+          "versions": {"streamprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}}
+    if windows is not None:
+        fp["calibration_sha256"] = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    return fp
+
+
+def stored_options(spec) -> dict:
+    """The options `streamprune resume` runs the job with again (paths made absolute)."""
+    o = spec.options
+    options = {k: v for k, v in o.as_dict().items() if k not in ("overwrite", "restart", "progress")}
+    options["model"] = str(spec.model.path.resolve())
+    options["calib"] = str(Path(o.calib).resolve()) if o.calib else None
+    return options
 
 
 def open_job(jobdir: JobDir, fingerprint: dict, options: dict, total_blocks: int, *, restart: bool,
