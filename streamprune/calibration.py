@@ -43,7 +43,11 @@ def read_calibration(path: str | Path) -> tuple[str | None, list[list[int]] | No
         except ValueError:
             raise StreamPruneError(f"--calib {path}:{lineno}: not valid JSON") from None
         if isinstance(rec, dict) and isinstance(rec.get("input_ids"), list):
-            windows.append([int(t) for t in rec["input_ids"]])
+            bad = [t for t in rec["input_ids"] if type(t) is not int or not 0 <= t < 2 ** 63][:1]
+            if bad:  # JSON floats, strings, null, booleans and NaN are not token ids, nor is 2**63
+                raise StreamPruneError(f"--calib {path}:{lineno}: \"input_ids\" must hold non-negative integers "
+                                       f"(below 2**63), found {json.dumps(bad[0])}")
+            windows.append(rec["input_ids"])
         elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
             texts.append(rec["text"])
         else:

@@ -8,7 +8,9 @@ block with a byte-identical result.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -20,11 +22,11 @@ from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
 from .model import StreamedModel
 from .plan import check_disk, plan_job
-from .resume import block_inputs, keep_inputs_on_stop, snapshot_after
+from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
 from .spec import PruneOptions, PruneSpec
-from .state import BlockRecord, JobDir, fingerprint, open_job, stored_options, verify_committed
+from .state import BlockRecord, JobDir, damaged, fingerprint, open_job, stored_options, verify_committed
 from .writer import copy_side_files, shard_name, write_index, write_shard
 
 BACKGROUND_PHASES = ("read_block", "write")  # on the I/O thread, overlapping other blocks' main-thread phases
@@ -50,6 +52,10 @@ class PruneJob:
         self.model = StreamedModel(spec.model.config, self.ckpt, spec.device, spec.dtype, o.attn_implementation)
         self.model.check(spec.structure)
         self.n_blocks = len(self.model.blocks)
+        groups = self.model.copy_groups()
+        total = len(groups) + self.n_blocks  # the copied shards first, then one shard per block
+        self.copies = {shard_name(k, total): g for k, g in enumerate(groups)}
+        self.block_files = [shard_name(len(groups) + i, total) for i in range(self.n_blocks)]
         self.jobdir = JobDir(spec.out, rt.dist.rank, rt.dist.world)
         batches = [(j, min(o.nsamples, j + o.batch_size)) for j in range(0, o.nsamples, o.batch_size)]
         self.batches = rt.dist.share(batches)  # this rank's contiguous share, in calibration order
@@ -62,21 +68,21 @@ class PruneJob:
 
     def run(self) -> dict:
         spec, rt = self.spec, self.rt
-        with MemoryMonitor(device=spec.device) as mon:
+        with MemoryMonitor(device=spec.device) as mon, (self.jobdir.locked() if rt.dist.main else nullcontext()):
             fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world)
             self.state, resumed = rt.dist.agree(lambda: open_job(
                 self.jobdir, fp, stored_options(spec), self.n_blocks, restart=spec.options.restart,
-                overwrite=spec.options.overwrite))
-            if self.state.complete and (spec.out / INDEX_NAME).is_file():
+                overwrite=spec.options.overwrite, inputs=self.ckpt.identity(), event=self.obs.event))
+            if self.state.complete and rt.dist.agree(self._intact):
                 self.obs.log(f"{spec.out}: job already complete; nothing to do")
                 return summary(self, mon, resumed=True)
             self.plan = plan_job(spec, self.model.blocks, self.ckpt)
             rt.dist.agree(lambda: check_disk(self.plan, spec.out, sum(m["size"] for m in self.state.files.values())))
-            self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, self.plan.row_chunk)
+            self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk)
             try:
                 start = self._verify() if resumed else 0
                 with BlockIO(self.model.read_block, spec.options.overlap, self.obs.phase) as io:
-                    self._write_outside(io)
+                    self._write_copies(io)
                     sparsities = self._block_sparsities()
                     acts = self._activations(start)
                     try:
@@ -107,7 +113,9 @@ class PruneJob:
             self.obs.event("block_start")
             t_block, before = time.perf_counter(), dict(self.obs.seconds)
             with self.obs.phase("read"):
-                block, kept = model.load_block(i, io.read(i, ahead=i + 1 if i + 1 < n else None))
+                host, input_sha256 = io.read(i, ahead=i + 1 if i + 1 < n else None)
+                block, kept = model.load_block(i, host)
+                del host
             want = {name[len(model.block_prefix(i)):] for name in kept}
             try:
                 result = self.loop.prune_block(i, block, acts, sparsities[i], want)
@@ -120,8 +128,8 @@ class PruneJob:
             snapshot = snapshot_after(self, i, acts)
             phases = {k: round(v - before.get(k, 0.0), 4) for k, v in self.obs.seconds.items()
                       if v - before.get(k, 0.0) > 0 and k not in BACKGROUND_PHASES}
-            record = BlockRecord(shard_name(i + 1, n + 1), result.sparsity, result.target, result.linears,
-                                 time.perf_counter() - t_block, phases)
+            record = BlockRecord(self.block_files[i], result.sparsity, result.target, result.linears,
+                                 time.perf_counter() - t_block, phases, input_sha256)
             io.write(self._shard_writer(record.file, tensors),
                      lambda meta, seconds, i=i, r=record, s=snapshot: self._commit(meta, seconds, i, r, s))
             del tensors
@@ -137,10 +145,25 @@ class PruneJob:
 
     # ------------------------------------------------------------------ the steps
 
+    def _intact(self) -> bool:
+        """A complete job is done only if its index and every recorded file are still there as written. If not,
+        the index goes first (an OUT with an index is complete), and the job continues like a resume."""
+        bad = damaged(self.jobdir, self.state)
+        if not bad and (self.spec.out / INDEX_NAME).is_file():
+            return True
+        self.obs.log(f"{self.spec.out}: the job was complete, but " + (f"{bad[0]} is missing or altered" if bad else
+                     "its index is missing") + "; redoing what is needed")
+        (self.spec.out / INDEX_NAME).unlink(missing_ok=True)
+        self.state.complete = False
+        self.jobdir.save(self.state)
+        return False
+
     def _verify(self) -> int:
-        first = shard_name(0, self.n_blocks + 1)
-        start, self.state = self.rt.dist.agree(
-            lambda: (verify_committed(self.jobdir, self.state, first, self.obs.log), self.state))
+        """Resume: the same input weights as before (resume.verify_inputs), and the committed files intact."""
+        def check():
+            verify_inputs(self, self.copies)
+            return verify_committed(self.jobdir, self.state, list(self.copies), self.obs.log), self.state
+        start, self.state = self.rt.dist.agree(check)
         self.obs.log(f"resume: {start} of {self.n_blocks} blocks already committed")
         return start
 
@@ -150,16 +173,24 @@ class PruneJob:
             return lambda: None
         return lambda: write_shard(self.spec.out / name, tensors, self.obs.event)
 
-    def _write_outside(self, io: BlockIO) -> None:
-        """The shard of everything outside the blocks (embeddings, final norm, head), copied as it is."""
-        name = shard_name(0, self.n_blocks + 1)
-        if name in self.state.files or not self.rt.dist.main:
+    def _write_copies(self, io: BlockIO) -> None:
+        """The shards of everything outside the blocks (embeddings, final norm, head, extra layers), copied as
+        they are, read and written on the I/O thread one shard at a time."""
+        if not self.rt.dist.main:
             return
+        for name, group in self.copies.items():
+            if name not in self.state.files:
+                io.write(lambda name=name, group=group: self._copy(name, group),
+                         lambda meta, seconds, name=name: self._commit_file(name, meta))
 
-        def then(meta, seconds):
-            self.state.files[name] = meta
-            self.jobdir.save(self.state, self.obs.event)
-        io.write(self._shard_writer(name, {n: self.ckpt.read(n) for n in self.model.other_names()}), then)
+    def _copy(self, name: str, group: list[str]) -> dict:
+        digest = hashlib.sha256()
+        tensors = {t: self.ckpt.read(t, digest=digest) for t in group}
+        return dict(write_shard(self.spec.out / name, tensors, self.obs.event), input_sha256=digest.hexdigest())
+
+    def _commit_file(self, name: str, meta: dict) -> None:
+        self.state.files[name] = meta
+        self.jobdir.save(self.state, self.obs.event)
 
     def _commit(self, meta: dict | None, write_seconds: float, i: int, record: BlockRecord, snapshot) -> None:
         """Record block i once its shard is on disk (rank 0 saves; the other ranks keep count). Runs on the I/O
@@ -230,9 +261,9 @@ class PruneJob:
         """Side files, then the index (last: an OUT with an index is complete), then the state says complete."""
         spec, model, n = self.spec, self.model, self.n_blocks
         copy_side_files(spec.model.path, spec.out, self.obs.event)
-        weight_map = {name: shard_name(0, n + 1) for name in model.other_names()}
+        weight_map = {tensor: name for name, group in self.copies.items() for tensor in group}
         for i in range(n):
-            weight_map.update({name: shard_name(i + 1, n + 1) for name in model.block_names(i)})
+            weight_map.update({tensor: self.block_files[i] for tensor in model.block_names(i)})
         self.obs.event("publish")
         write_index(spec.out, weight_map, sum(self.ckpt.tensors[t].nbytes for t in weight_map), self.obs.event)
         self.state.snapshot = None

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .memory import trim
-from .model import block_output
+from .errors import StreamPruneError
+from .model import all_finite, block_output
 from .statistics import BlockStatistics, StopForward
 
 
@@ -39,9 +40,10 @@ class BlockResult:
 
 
 class BlockLoop:
-    def __init__(self, pruner, structure, runtime, observer, device: torch.device, row_chunk: int = 0):
+    def __init__(self, pruner, structure, runtime, observer, device: torch.device, dtype: torch.dtype,
+                 row_chunk: int = 0):
         self.pruner, self.structure, self.rt, self.obs = pruner, structure, runtime, observer
-        self.device, self.row_chunk = device, row_chunk
+        self.device, self.dtype, self.row_chunk = device, dtype, row_chunk
 
     @torch.no_grad()
     def forward_all(self, block: nn.Module, i: int, acts, desc: str, outputs: bool = True,
@@ -61,6 +63,10 @@ class BlockLoop:
             if stats is not None:
                 stats.forward_done()
             if outputs:
+                if not all_finite(y):
+                    raise StreamPruneError(f"block {i}: its outputs are not finite (NaN or Inf) in "
+                                           f"{str(self.dtype).replace('torch.', '')} compute"
+                                           + ("; rerun with --dtype float32" if self.dtype != torch.float32 else ""))
                 acts.outputs.write(a, y)
 
     def statistics(self, block: nn.Module, i: int, acts, needs: frozenset, desc: str,
@@ -79,6 +85,12 @@ class BlockLoop:
         if self.pruner.needs_data:
             with self.obs.phase("statistics", self.device):
                 stats = self.statistics(block, i, acts, self.pruner.needs, "statistics", outputs=False)
+            for name, st in stats.unique().items():
+                if not st.finite():
+                    raise StreamPruneError(f"block {i} {name}: its inputs are not finite (NaN or Inf) in "
+                                           f"{str(self.dtype).replace('torch.', '')} compute; "
+                                           + ("rerun with --dtype float32" if self.dtype != torch.float32 else
+                                              "the blocks before it produce them"))
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         result = BlockResult({}, sparsity, {}, set())
         with self.obs.phase("prune", self.device):

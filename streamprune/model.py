@@ -8,6 +8,8 @@ model computes them. Parameters are assigned only for what one step needs and dr
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +39,10 @@ def _params_on_meta():
         nn.Module.register_parameter = original
 
 
-def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
-    """A causal-LM instance of the config's architecture with all parameters on meta."""
+def build_skeleton(config, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> nn.Module:
+    """A causal-LM instance of the config's architecture with all parameters on meta. Built in `dtype` (the
+    compute dtype), so that its buffers are exactly what `from_pretrained(dtype=...)` computes: Gemma's
+    embed_scale is sqrt(hidden) rounded to that dtype, not to the checkpoint's."""
     from transformers import AutoModelForCausalLM
 
     arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
@@ -50,7 +54,8 @@ def build_skeleton(config, attn_implementation: str = "sdpa") -> nn.Module:
         raise StreamPruneError(unsupported)
     try:
         with _params_on_meta():
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **kwargs)
     except ValueError as e:
         raise StreamPruneError(f"{unsupported} ({str(e).splitlines()[0][:120]})") from None
     if any(getattr(m, "is_causal", True) is False for m in model.modules()):
@@ -186,12 +191,57 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
     return out
 
 
+QUANTIZED_LAYOUTS = (  # tensor-name endings of quantized formats, and what to call them
+    (".qweight", "GPTQ/AWQ packed integer weights (qweight, qzeros, scales)"),
+    (".weight_scale_inv", "FP8 weights with block scales (weight_scale_inv)"),
+    (".weight_scale", "quantized weights with scales (compressed-tensors weight_scale)"),
+    (".absmax", "bitsandbytes 4-bit weights (absmax, quant_map)"),
+    (".SCB", "bitsandbytes 8-bit weights (SCB)"),
+    ("_blocks", "MXFP4 packed weights (_blocks, _scales)"),
+)
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def quantization_method(config) -> str | None:
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else (q.to_dict() if hasattr(q, "to_dict") else vars(q))
+    return str(q.get("quant_method") or q.get("format") or "unknown")
+
+
+def layout_problem(config, tensors: dict, skeleton: nn.Module) -> str | None:
+    """What makes a checkpoint unprunable as it is, said as what it is (not as 'tensor ... is missing')."""
+    method = quantization_method(config)
+    if method:
+        return (f"a quantized checkpoint (quantization_config quant_method {method!r}); streamprune prunes "
+                f"unquantized weights: use the unquantized release or dequantize it first")
+    for ending, what in QUANTIZED_LAYOUTS:
+        hit = next((n for n in tensors if n.endswith(ending)), None)
+        if hit is not None:
+            return f"holds {what}, e.g. {hit}, without a quantization_config; streamprune prunes unquantized weights"
+    fused = any(p.dim() == 3 for n, p in skeleton.named_parameters() if ".experts." in n)
+    hit = next((n for n in tensors if PER_EXPERT.search(n)), None)
+    if fused and hit is not None:
+        return (f"Mixture-of-Experts weights saved one tensor per expert (e.g. {hit}); this version reads experts "
+                f"only in the fused layout the model uses in memory")
+    return None
+
+
 def exact_cast(stored: torch.dtype, compute: torch.dtype) -> bool:
     """Does a value of dtype `stored` survive the trip to `compute` and back bit for bit?"""
     if stored == compute or not stored.is_floating_point:
         return True
     wide = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
     return wide.get(compute, 0) > wide.get(stored, 9)
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in `t`, checked in chunks (no tensor-sized bool temporary)."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[k:k + chunk]).all()) for k in range(0, flat.numel(), chunk))
 
 
 def to_host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -209,7 +259,8 @@ class StreamedModel:
     from a pruned block back to checkpoint tensors. Shared by the prune job and the streamed evaluation."""
 
     def __init__(self, config, ckpt: Checkpoint, device, dtype, attn_implementation: str = "sdpa"):
-        self.skeleton = build_skeleton(config, attn_implementation)
+        self.config = config
+        self.skeleton = build_skeleton(config, attn_implementation, dtype)
         self.blocks_name, self.blocks = find_blocks(self.skeleton, config)
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         head = self.skeleton.get_output_embeddings()
@@ -233,21 +284,44 @@ class StreamedModel:
         prefix = self.block_prefix(i)
         return sorted(n for n in self.ckpt.tensors if n.startswith(prefix))
 
-    def other_names(self) -> list[str]:
-        prefix = self.blocks_name + "."
-        return sorted(n for n in self.ckpt.tensors if not n.startswith(prefix))
+    def copy_names(self) -> list[str]:
+        """Every tensor that is not in a decoder block: embeddings, final norm, head, unknown tensors, and layers
+        under the block prefix beyond num_hidden_layers (DeepSeek-V3's multi-token-prediction layer). Copied."""
+        in_blocks = {n for i in range(len(self.blocks)) for n in self.block_names(i)}
+        return sorted(n for n in self.ckpt.tensors if n not in in_blocks)
+
+    def copy_groups(self) -> list[list[str]]:
+        """`copy_names` in name order, cut into shards of at most two blocks' bytes (plus one tensor): what is
+        copied never holds more host memory than the block pipeline does."""
+        names = self.copy_names()
+        sizes = {n: self.ckpt.tensors[n].nbytes for n in names}
+        block = max((sum(self.ckpt.tensors[n].nbytes for n in self.block_names(i)) for i in range(len(self.blocks))),
+                    default=0)
+        limit = 2 * block + max(sizes.values(), default=0)
+        groups, size = [[]], 0
+        for n in names:
+            if groups[-1] and size + sizes[n] > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(n)
+            size += sizes[n]
+        return [g for g in groups if g]
 
     def check(self, structure=None) -> None:
         """Every tensor the model needs is in the checkpoint with the shape the config implies, and every
         block linear can take the N:M structure. The only shape check: nothing is read before it passes."""
+        explained = layout_problem(self.config, self.ckpt.tensors, self.skeleton)
+        if explained:
+            raise StreamPruneError(f"{self.ckpt.path}: {explained}")
         shapes = {n: tuple(t.shape) for n, t in self.skeleton.named_parameters()}
         shapes.update((n, tuple(t.shape)) for n, t in self.skeleton.named_buffers())
         for name in checkpoint_names(self.skeleton):
             info = self.ckpt.tensors.get(name)
-            if info is None and self.in_head(name):
-                continue
+            if info is None and self.in_head(name) and self.tied:
+                continue  # tied to the input embeddings: checkpoints may leave it out
             if info is None:
-                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint")
+                untied = " (the config does not tie it to the input embeddings)" if self.in_head(name) else ""
+                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint{untied}")
             if info.shape != shapes[name]:
                 raise StreamPruneError(f"{self.ckpt.path}: tensor {name} has shape {list(info.shape)}, "
                                        f"the config implies {list(shapes[name])}")
@@ -272,6 +346,10 @@ class StreamedModel:
                 value.copy_(t)
             else:
                 value = t.to(self.device, dtype, non_blocking=True)
+            if not exact_cast(t.dtype, dtype) and not all_finite(value):
+                biggest = float(t.float().abs().max())
+                raise StreamPruneError(f"tensor {prefix + local} does not fit in {str(dtype).replace('torch.', '')} "
+                                       f"(magnitudes up to {biggest:.3g}); use --dtype float32")
             set_tensor(module, local, value)
         for name, b in module.named_buffers():
             if b.device != self.device and b.device.type != "meta":
@@ -284,27 +362,37 @@ class StreamedModel:
         dtype cannot represent exactly)."""
         prefix = self.block_prefix(i)
         if host is None:
-            host = self.read_block(i)
+            host, _ = self.read_block(i)
         block = self.blocks[i]
         kept = self._assign(block, prefix, host, keep_if_inexact=True)
         known = {prefix + n for n in checkpoint_names(block)}
         kept.update((n, t) for n, t in host.items() if n not in known)
         return block, kept
 
-    def read_block(self, i: int) -> dict:
-        pin = self.device.type == "cuda"
-        return {n: self.ckpt.read(n, pin=pin) for n in self.block_names(i)}
+    def read_block(self, i: int) -> tuple[dict, str]:
+        """Block i's tensors as stored, and their sha256 (names and bytes in name order); every floating tensor
+        is checked finite: masks computed from NaN are garbage that would still exit 0."""
+        pin, digest, host = self.device.type == "cuda", hashlib.sha256(), {}
+        for name in self.block_names(i):
+            t = host[name] = self.ckpt.read(name, pin=pin, digest=digest)
+            if not all_finite(t):
+                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} (block {i}) holds NaN or Inf values; "
+                                       f"a block with them cannot be pruned: repair or re-export the checkpoint")
+        return host, digest.hexdigest()
 
     def block_tensors(self, i: int, block: nn.Module, kept: dict, masks: dict, recomputed: set) -> dict:
         """Block i's shard contents, every tensor in its own checkpoint dtype. A weight the pruner recomputed
         (`recomputed`, local names) comes from the module; a kept original is written as it was read, zeroed
-        where `masks` says; any other parameter comes back from the module (its cast is exact)."""
+        where `masks` says; any other parameter comes back from the module (its cast is exact). Consumes the
+        block: each parameter is dropped as soon as its copy exists, so the block in the compute dtype and its
+        outgoing copy are never both whole in memory."""
         prefix, out = self.block_prefix(i), {}
         params = dict(block.named_parameters())
         for name in self.block_names(i):
             local = name[len(prefix):]
             if local in params and (name not in kept or local in recomputed):
                 out[name] = to_host(params[local], self.ckpt.tensors[name].dtype)
+                set_tensor(block, local, torch.empty(params.pop(local).shape, device="meta"))
             else:
                 t = kept[name]
                 if local in masks:

@@ -16,7 +16,9 @@ from torch import nn
 from .units import GiB, parse_size
 
 WORKSPACE_BYTES = 512 * 1024 ** 2   # target transient of the metric + sort of one row chunk
-BYTES_PER_METRIC_ELEMENT = 4 + 4 + 8 + 1 + 4  # metric, sorted values, sorted indices, mask, |W| temp
+# the selection of one row chunk (methods.base.select): the float32 metric, topk's values and int64 indices for up to
+# a whole row, one comparison; measured 14.2 bytes per element at 50% on a 4096 x 11008 matrix (mask included)
+BYTES_PER_METRIC_ELEMENT = 4 + 12 + 1
 HOST_HEADROOM = 0.85  # fraction of available host memory the activation cache may take
 
 
@@ -33,6 +35,7 @@ class BlockShape:
     heads: int
     kv_heads: int
     head_dim: int
+    stat_inputs: tuple = ()  # in_features of each distinct linear input (q/k/v share one, gate/up another)
 
 
 def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
@@ -51,7 +54,18 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
         heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", heads) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        stat_inputs=_distinct_inputs(block, linears),
     )
+
+
+def _distinct_inputs(block: nn.Module, linears: list) -> tuple:
+    """in_features of each group of linears that read the same tensor: siblings in one module with one input
+    width (q/k/v in attention, gate/up in the MLP), as BlockStatistics shares them; the rest one each."""
+    groups: dict = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear):
+            groups.setdefault((name.rsplit(".", 1)[0], mod.in_features), []).append(name)
+    return tuple(width for (_, width), names in groups.items() for _ in ([None] if len(names) > 1 else names))
 
 
 @dataclass
@@ -61,6 +75,7 @@ class Plan:
     activation_buffer_bytes: int    # one of the two buffers [nsamples/ranks, seqlen, hidden]
     forward_transient_bytes: int    # live set inside one block forward for one micro-batch
     workspace_bytes: int            # prune phase of the largest linear: its mask + max(metric/sort chunk, mask count copy)
+    statistics_bytes: int           # Hessians (SparseGPT) held from the dense pass to the prune phase
     row_chunk: int
     tier: str                       # where the activation buffers live: gpu, cpu or disk
     peak_gpu_bytes: int | None
@@ -93,7 +108,8 @@ def forward_transient(shape: BlockShape, seqlen: int, batch: int, itemsize: int,
 
 def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt_itemsize: int,
               compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None, host_free: int,
-              checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True, ranks: int = 1) -> Plan:
+              checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True, ranks: int = 1,
+              needs: frozenset = frozenset({"sq_norm"})) -> Plan:
     """Predict the peaks of one rank. `gpu_free`/`host_free` are what the job may use (after any cap)."""
     local = -(-nsamples // ranks)
     block_ckpt = shape.params * ckpt_itemsize
@@ -105,12 +121,14 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
     # the prune phase of the largest linear: its bool mask, plus either the metric + sort of one row chunk or the
     # int64 copy of the mask that counting it with mask.sum() makes (whichever is larger; they are not live together)
     workspace = max(chunk * in_f * BYTES_PER_METRIC_ELEMENT, MASK_COUNT_BYTES * out_f * in_f) + out_f * in_f
-    io_blocks = 2 * block_ckpt  # one block read ahead, one being written
+    # statistics held through the dense pass and the prune phase: Hessians (in^2 float32 per distinct input)
+    hessians = sum(n * n * 4 for n in shape.stat_inputs) if "hessian" in needs else 0
+    io_blocks = 2 * block_ckpt  # on the host at the end of a block: the next one (read ahead) and its outgoing copy
     micro = 2 * batch * seqlen * shape.hidden * compute_itemsize  # a micro-batch in and out on the device
 
     reason = ""
     if device_type == "cuda":
-        gpu_base = CUDA_CONTEXT + GPU_SLACK * (block_compute + max(transient, workspace))
+        gpu_base = CUDA_CONTEXT + GPU_SLACK * (block_compute + hessians + max(transient, workspace))
         if tier == "auto":
             if not needs_activations:
                 tier = "cpu"
@@ -126,14 +144,16 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         if gpu_free is not None and peak_gpu > gpu_free:
             reason = "one block and its forward do not fit the GPU; lower --seqlen or --batch-size"
     else:
-        # measured phase by phase (benchmarks/memory_scaling.py --diagnose): the block in the compute dtype and the
-        # next block read ahead are live throughout; on top of them either the outgoing checkpoint-dtype copy (being
-        # built or written) plus a forward transient, or the prune workspace. Not both: the writer has finished the
-        # previous block long before the prune phase of the next. Without an exact round trip (compute dtype narrower
-        # than the checkpoint's) the original tensors and every linear's bool mask are kept as well.
+        # one I/O thread (io.py): besides the block being computed, one block is in flight, the previous one being
+        # written or the next one read ahead, never both. At the end of a block its outgoing checkpoint-dtype copy
+        # is built tensor by tensor as the compute copy is dropped (model.block_tensors): one tensor more (none
+        # when the dtypes agree: the computed tensors are written). On top: a forward transient or the prune
+        # workspace. Without an exact round trip (compute dtype narrower than the checkpoint's) the original
+        # tensors and every linear's bool mask are kept as well.
         exact = compute_itemsize >= ckpt_itemsize
         kept = 0 if exact else block_ckpt + shape.params
-        fixed = PROCESS_BASE + block_compute + block_ckpt + kept + max(block_ckpt + transient, workspace)
+        out_copy = 0 if compute_itemsize == ckpt_itemsize else out_f * in_f * ckpt_itemsize
+        fixed = PROCESS_BASE + block_compute + block_ckpt + kept + hessians + max(out_copy, transient, workspace)
         if tier in ("auto", "gpu"):
             tier = "cpu" if not needs_activations or fixed + 2 * act <= host_free * HOST_HEADROOM else "disk"
         peak_gpu = None
@@ -142,8 +162,8 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
     if not fits and not reason:
         reason = "one block, its neighbours in flight and its workspace do not fit in host memory"
     disk = checkpoint_bytes + (2 * act if tier == "disk" else 0) + (act * ranks if snapshot else 0)
-    return Plan(block_ckpt, block_compute, act, transient, workspace, chunk, tier, peak_gpu, int(peak_host), int(disk),
-                bool(fits), reason)
+    return Plan(block_ckpt, block_compute, act, transient, workspace, hessians, chunk, tier, peak_gpu, int(peak_host),
+                int(disk), bool(fits), reason)
 
 
 def plan_job(spec, blocks, ckpt) -> Plan:
@@ -161,7 +181,7 @@ def plan_job(spec, blocks, ckpt) -> Plan:
                      device_type=spec.device.type, tier=o.activations, gpu_free=gpu_free,
                      host_free=psutil.virtual_memory().available,
                      checkpoint_bytes=sum(t.nbytes for t in ckpt.tensors.values()), needs_activations=spec.needs_data,
-                     snapshot=o.snapshot_every > 0)
+                     snapshot=o.snapshot_every > 0, needs=spec.pruner.needs)
 
 
 def check_disk(plan: Plan, out, written: int) -> None:
@@ -225,7 +245,8 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     host = parse_size(host_memory) or psutil.virtual_memory().available
     common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(ckpt_dtype),
                   compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
-                  needs_activations=method_named(method).needs_data, snapshot=snapshot, ranks=ranks)
+                  needs_activations=method_named(method).needs_data, snapshot=snapshot, ranks=ranks,
+                  needs=method_named(method).needs)
     main = make_plan(shape, device_type=device, tier=activations, gpu_free=parse_size(gpu_memory), **common)
     cards = {}
     for gb in (8, 12, 16, 24):

@@ -1,24 +1,56 @@
-"""Where a job's next block gets its inputs: block 0's from the model's own forward, a later block's from an
-activation snapshot plus a replay through the committed (pruned) blocks on disk, or from a replay of every
-committed block, whichever the measured per-block forward time says is cheaper.
+"""What a job needs to continue: the same input weights as before, and the inputs of its next block.
 
-Snapshots (the inputs of block i+1, saved after block i) are taken every `--snapshot-every` blocks and when a
-signal stops the job; each rank saves its own sequences.
+Block 0's inputs come from the model's own forward; a later block's from an activation snapshot plus a replay
+through the committed (pruned) blocks on disk, or from a replay of every committed block, whichever the
+measured per-block forward time says is cheaper. Snapshots (the inputs of block i+1, saved after block i) are
+taken every `--snapshot-every` blocks and when a signal stops the job; each rank saves its own sequences, with
+its sha256, so a damaged snapshot is noticed and replaced by a replay.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
 
 from .errors import StreamPruneError
-from .units import human_bytes
 from .shards import Checkpoint
 from .state import Snapshot
+from .units import human_bytes
 from .writer import publish, temporary
 
 SNAPSHOT_READ_BPS = 500e6  # a conservative sequential read speed for choosing snapshot vs replay
+
+
+def verify_inputs(job, copy_groups: dict) -> None:
+    """The committed blocks were computed from the input as it was; resuming on changed weights would mix two
+    revisions. When the input shards' identities (size, mtime, inode, ctime) moved since the job last looked,
+    everything committed so far is read and hashed again and compared with what the job recorded."""
+    state, ckpt = job.state, job.ckpt
+    now = ckpt.identity()
+    if now == state.inputs:
+        return
+    t, nbytes = time.perf_counter(), 0
+    for i in range(state.committed):
+        _, digest = job.model.read_block(i)
+        nbytes += sum(ckpt.tensors[n].nbytes for n in job.model.block_names(i))
+        if digest != state.blocks[i].input_sha256:
+            raise StreamPruneError(f"{job.spec.model.path}: the weights of block {i} changed since this job started; "
+                                   f"resuming would mix two revisions: add --restart to prune the weights now there")
+    for name, group in copy_groups.items():
+        meta = state.files.get(name)
+        if meta:
+            digest = hashlib.sha256()
+            for tensor in group:
+                ckpt.read(tensor, digest=digest)
+                nbytes += ckpt.tensors[tensor].nbytes
+            if digest.hexdigest() != meta.get("input_sha256"):
+                raise StreamPruneError(f"{job.spec.model.path}: tensors copied into {name} changed since this job "
+                                       f"started; add --restart to prune the weights now there")
+    state.inputs = now
+    job.obs.log(f"resume: the input files changed on disk since the job last checked them; what the committed "
+                f"blocks read is unchanged (hashed {human_bytes(nbytes)} again in {time.perf_counter() - t:.1f}s)")
 
 
 def _forward_seconds(state, start: int) -> float:
@@ -27,15 +59,29 @@ def _forward_seconds(state, start: int) -> float:
     return sum(times) / len(times) if times else 0.0
 
 
+def _snapshot_intact(job, snap: Snapshot) -> bool:
+    path, rank = job.jobdir.snapshot_path(snap.after_block), job.rt.dist.rank
+    if not path.is_file() or path.stat().st_size != snap.sizes[rank]:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != snap.sha256[rank]:
+        job.obs.log(f"resume: {path.name} is damaged (sha256 differs); its inputs are recomputed instead")
+        return False
+    return True
+
+
 def block_inputs(job, start: int, acts) -> None:
     """Fill `acts` (inputs and call kwargs) with what block `start` needs."""
     state, jobdir, rt, log = job.state, job.jobdir, job.rt, job.obs.log
     snap = state.snapshot
-    usable = snap is not None and snap.after_block < start and jobdir.snapshot_path(snap.after_block).is_file()
+    usable = snap is not None and snap.after_block < start and _snapshot_intact(job, snap)
     usable = not rt.dist.any(not usable)  # every rank needs its own file
     if usable and start:
-        fwd = _forward_seconds(state, start)
-        via_snapshot = snap.size / SNAPSHOT_READ_BPS + (start - 1 - snap.after_block) * fwd
+        fwd, size = _forward_seconds(state, start), max(snap.sizes)
+        via_snapshot = size / SNAPSHOT_READ_BPS + (start - 1 - snap.after_block) * fwd
         usable = via_snapshot <= start * fwd
         log(f"resume: inputs of block {start} via the snapshot after block {snap.after_block} "
             f"(est. {via_snapshot:.1f}s) or by replaying {start} blocks (est. {start * fwd:.1f}s): "
@@ -66,21 +112,25 @@ def block_inputs(job, start: int, acts) -> None:
 
 
 def save_snapshot(job, after_block: int, store, acts) -> Snapshot:
-    """This rank's sequences in `store` (the inputs of block after_block + 1), written atomically."""
+    """This rank's sequences in `store` (the inputs of block after_block + 1), written atomically with their
+    sha256; every rank's size and hash are gathered (a collective: every rank calls it at the same point)."""
     t = time.perf_counter()
     path = job.jobdir.snapshot_path(after_block)
-    tmp = temporary(path)
+    tmp, digest, size = temporary(path), hashlib.sha256(), 0
     try:
         with open(tmp, "wb") as f:
             for j0, j1 in acts.batches:
                 a, b = acts.local(j0, j1)
-                f.write(memoryview(store.read(a, b, "cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+                data = memoryview(store.read(a, b, "cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+                size += len(data)
         publish(tmp, path, job.obs.event)
     finally:
         tmp.unlink(missing_ok=True)
-    job.rt.dist.barrier()  # every rank's file is on disk before rank 0 records the snapshot
+    sizes, hashes = zip(*job.rt.dist.gather((size, digest.hexdigest())))
     job.obs.add("snapshot", time.perf_counter() - t)
-    return Snapshot(after_block, path.stat().st_size)
+    return Snapshot(after_block, list(sizes), list(hashes))
 
 
 def load_snapshot(path, acts) -> None:

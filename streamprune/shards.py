@@ -121,8 +121,9 @@ class Checkpoint:
             raise StreamPruneError(f"{file}: truncated shard: {name} ends at byte {start + end}, file has {size}")
         return TensorInfo(name, shard, dtype, shape, start + begin, nbytes)
 
-    def read(self, name: str, pin: bool = False) -> torch.Tensor:
-        """An owned host copy of one tensor (in pinned memory when `pin`), see memory.host_empty."""
+    def read(self, name: str, pin: bool = False, digest=None) -> torch.Tensor:
+        """An owned host copy of one tensor (in pinned memory when `pin`), see memory.host_empty. With `digest`
+        (a hashlib object), its name and bytes are hashed as they arrive: the job's record of its inputs."""
         info = self.tensors[name]
         buf = host_empty((info.nbytes,), torch.uint8, pin=pin)
         if info.nbytes:
@@ -135,7 +136,19 @@ class Checkpoint:
                     if not n:
                         raise StreamPruneError(f"{self.path / info.shard}: truncated shard while reading {name}")
                     got += n
+        if digest is not None:
+            digest.update(name.encode() + b"\0")
+            digest.update(memoryview(buf.numpy()))
         return buf.view(info.dtype).reshape(info.shape)
+
+    def identity(self) -> dict:
+        """Per shard file: (size, mtime_ns, inode, ctime_ns). Any write to a file changes its ctime, so equal
+        identities mean unchanged contents; changed ones call for hashing the contents again."""
+        out = {}
+        for shard in sorted(self.shards):
+            st = (self.path / shard).stat()
+            out[shard] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        return out
 
     def fingerprint(self) -> dict:
         """What identifies this checkpoint's contents cheaply: shard names, sizes and header hashes."""

@@ -7,6 +7,7 @@ line everywhere. Everything in this module is immutable once resolved; nothing h
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -194,7 +195,7 @@ class PruneSpec:
 
         options.check()
         model_dir, out = Path(model), Path(out)
-        check_paths(model_dir, out)
+        check_paths(model_dir, out, (("--calib", options.calib),))
         check_out_usable(out, options.overwrite)
         device = resolve_device(options.device, local_rank)
         info = ModelInfo.load(model_dir)
@@ -212,9 +213,13 @@ class PruneSpec:
                    gpu_limit=parse_size(options.gpu_memory_limit))
 
 
-def check_paths(model_dir: Path, out: Path) -> None:
+def check_paths(model_dir: Path, out: Path, inputs: tuple = ()) -> None:
+    """MODEL and OUT apart; OUT a writable directory (or creatable); nothing the job reads inside OUT, which the
+    job owns and --overwrite/--restart empty."""
     if not model_dir.is_dir():
         raise StreamPruneError(f"{model_dir}: no such model directory")
+    if out.is_symlink() and not out.exists():
+        raise StreamPruneError(f"OUT {out} is a dangling symbolic link; remove it or choose another directory")
     m, o = model_dir.resolve(), out.resolve()
     if o == m or m in o.parents:
         raise StreamPruneError(f"OUT {out} is the model directory or inside it; choose a directory elsewhere")
@@ -222,11 +227,18 @@ def check_paths(model_dir: Path, out: Path) -> None:
         raise StreamPruneError(f"OUT {out} contains the model directory; choose a directory elsewhere")
     if out.exists() and not out.is_dir():
         raise StreamPruneError(f"OUT {out} exists and is not a directory")
+    for flag, path in inputs:
+        if path is not None and (o == Path(path).resolve() or o in Path(path).resolve().parents):
+            raise StreamPruneError(f"{flag} {path} is inside OUT {out}, which the job owns (--overwrite and --restart "
+                                   f"empty it); keep the job's inputs outside OUT")
+    existing = next(p for p in (o, *o.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StreamPruneError(f"OUT {out}: {existing} is not writable")
 
 
 def check_out_usable(out: Path, overwrite: bool) -> None:
     """An OUT that holds something other than a streamprune job is refused unless --overwrite."""
     from .state import JobDir
 
-    if out.is_dir() and not JobDir(out).exists() and any(out.iterdir()) and not overwrite:
+    if JobDir(out).foreign() and not overwrite:
         raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")

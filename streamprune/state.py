@@ -8,18 +8,23 @@ recompute the whole prefix.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import StreamPruneError
+from .shards import INDEX_NAME
 from .writer import file_sha256, fsync_dir, no_event, write_atomic
 
 STATE_DIR = ".streamprune"
 STATE_FILE = "state.json"
+LOCK_FILE = "lock"
 FORMAT = 2
 
 
@@ -44,6 +49,7 @@ class BlockRecord:
     linears: dict            # linear name -> {"zeros", "numel"}
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=dict)
+    input_sha256: str = ""   # of the block's tensors as read from the input (see StreamedModel.read_block)
 
     @property
     def zeros(self) -> int:
@@ -57,7 +63,12 @@ class BlockRecord:
 @dataclass
 class Snapshot:
     after_block: int
-    size: int
+    sizes: list     # per rank
+    sha256: list    # per rank: a damaged snapshot is noticed, and the inputs recomputed instead
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
 
 
 @dataclass
@@ -66,7 +77,8 @@ class JobState:
     options: dict
     total_blocks: int
     blocks: dict = field(default_factory=dict)    # block index -> BlockRecord
-    files: dict = field(default_factory=dict)     # file name -> {"size", "sha256"}
+    files: dict = field(default_factory=dict)     # file name -> {"size", "sha256", "stat", ["input_sha256"]}
+    inputs: dict = field(default_factory=dict)    # input shard -> its identity when last verified (Checkpoint.identity)
     snapshot: Snapshot | None = None
     profile: dict | None = None                   # a sweeping profile's scores and per-block sparsities
     seconds: float = 0.0
@@ -134,10 +146,37 @@ class JobDir:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
+    def foreign(self) -> list[Path]:
+        """What OUT holds besides a streamprune job's own files (none of these: OUT counts as empty)."""
+        if not self.out.is_dir() or self.exists():
+            return []
+        return [p for p in self.out.iterdir() if p.name != STATE_DIR and not (p.name.startswith(".") and
+                                                                                p.name.endswith(".tmp"))]
+
+    @contextmanager
+    def locked(self):
+        """Hold OUT for this job: an exclusive flock on OUT/.streamprune/lock that the kernel drops when the process
+        ends however it ends. A second job on the same OUT is refused, naming the holder."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StreamPruneError(f"OUT {self.out} is in use by another streamprune job (pid {holder}); wait for it to "
+                                   f"finish or stop it") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
     def load(self) -> JobState:
         try:
             return JobState.from_json(self.state_path.read_text())
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             raise StreamPruneError(f"{self.state_path}: unreadable job state; use --restart to discard the job") from None
 
     def create(self, state: JobState) -> None:
@@ -161,14 +200,48 @@ class JobDir:
             if before is None or int(f.name.split("-")[3][:5]) < before:
                 f.unlink(missing_ok=True)
 
-    def clear_out(self) -> None:
-        """Empty OUT entirely (--overwrite, --restart)."""
+    def clear_out(self, event=no_event) -> None:
+        """Empty OUT (--overwrite, --restart): the index first (an OUT with an index must be complete, at every
+        instant), then everything else but the lock this job holds. `event("clear", name)` after each removal."""
+        index = self.out / INDEX_NAME
+        if index.exists() or index.is_symlink():
+            index.unlink()
+            fsync_dir(self.out)
+            event("clear", INDEX_NAME)
         for entry in self.out.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.name == STATE_DIR and entry.is_dir() and not entry.is_symlink():
+                for inner in entry.iterdir():
+                    if inner.name != LOCK_FILE:
+                        _remove(inner)
+            else:
+                _remove(entry)
+            event("clear", entry.name)
 
     def file_ok(self, name: str, meta: dict | None) -> bool:
+        """Is the committed file `name` the one recorded? Its sha256 is recomputed only when the file's identity
+        (size, mtime, inode, ctime) differs from the one recorded when it was written or last checked."""
         path = self.out / name
-        return bool(meta) and path.is_file() and path.stat().st_size == meta["size"] and file_sha256(path) == meta["sha256"]
+        if not meta or not path.is_file():
+            return False
+        now = file_identity(path)
+        if meta.get("stat") == now:
+            return True
+        ok = now[0] == meta["size"] and file_sha256(path) == meta["sha256"]
+        if ok:
+            meta["stat"] = now
+        return ok
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def file_identity(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def fingerprint(spec, ckpt, windows, ranks: int) -> dict:
@@ -201,11 +274,11 @@ def stored_options(spec) -> dict:
 
 
 def open_job(jobdir: JobDir, fingerprint: dict, options: dict, total_blocks: int, *, restart: bool,
-             overwrite: bool) -> tuple[JobState, bool]:
+             overwrite: bool, inputs: dict, event=no_event) -> tuple[JobState, bool]:
     """A fresh job, or the existing one when its fingerprint matches. Returns (state, resumed)."""
     out = jobdir.out
     if jobdir.exists() and (restart or overwrite):
-        jobdir.clear_out()
+        jobdir.clear_out(event)
     elif jobdir.exists():
         state = jobdir.load()
         changes = diff(state.fingerprint, fingerprint)
@@ -213,23 +286,23 @@ def open_job(jobdir: JobDir, fingerprint: dict, options: dict, total_blocks: int
             raise StreamPruneError(f"{out} holds a job with different inputs ({'; '.join(changes[:4])}); "
                                    f"rerun with the original arguments to resume, or add --restart to discard it")
         return state, True
-    elif out.exists() and any(out.iterdir()):
+    elif jobdir.foreign():
         if not overwrite:
             raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")
-        jobdir.clear_out()
+        jobdir.clear_out(event)
     out.mkdir(parents=True, exist_ok=True)
-    state = JobState(fingerprint=fingerprint, options=options, total_blocks=total_blocks)
+    state = JobState(fingerprint=fingerprint, options=options, total_blocks=total_blocks, inputs=inputs)
     jobdir.create(state)
     return state, False
 
 
-def verify_committed(jobdir: JobDir, state: JobState, first_file: str, log) -> int:
-    """Check the committed files against their sha256; a missing or altered one rolls the job back to before
-    it. Returns the first block to compute."""
-    if not jobdir.file_ok(first_file, state.files.get(first_file)):
-        state.files.pop(first_file, None)
-        state.blocks = {}
-        return 0
+def verify_committed(jobdir: JobDir, state: JobState, copy_files: list[str], log) -> int:
+    """Check the committed files against their records; a missing or altered copied shard is forgotten (it is
+    written again), a missing or altered block rolls the job back to before it. Returns the first block to compute."""
+    for name in copy_files:
+        if name in state.files and not jobdir.file_ok(name, state.files[name]):
+            log(f"resume: {name} is missing or altered; writing it again")
+            del state.files[name]
     n = state.committed
     for i in range(n):
         name = state.blocks[i].file
@@ -238,3 +311,8 @@ def verify_committed(jobdir: JobDir, state: JobState, first_file: str, log) -> i
             state.forget_from(i)
             return i
     return n
+
+
+def damaged(jobdir: JobDir, state: JobState) -> list[str]:
+    """The recorded files of a job that are missing or altered (hashed again only where a file's identity moved)."""
+    return [name for name, meta in sorted(state.files.items()) if not jobdir.file_ok(name, meta)]

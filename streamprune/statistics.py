@@ -128,6 +128,14 @@ class LinearStats:
         if self.hessian is not None:
             self.hessian.add(x)
 
+    def finite(self) -> bool:
+        values = [self.sq_norm]
+        if self.moments is not None:
+            values += [self.moments.mean, self.moments.var, self.moments.sum_mean]
+        if self.hessian is not None:
+            values.append(self.hessian.H)
+        return all(bool(torch.isfinite(v).all()) for v in values if v is not None)
+
     def replay(self, records: list) -> None:
         for need, part in records:
             acc = self._sq if need == "sq_norm" else self.moments
@@ -180,7 +188,8 @@ class BlockStatistics:
         if self.stop_early:
             self._last = calls[-1][1]
 
-    def _unique(self) -> dict:
+    def unique(self) -> dict:
+        """name -> statistics, one name per distinct LinearStats (the first linear of a sharing group)."""
         out: dict = {}
         for n, st in self.stats.items():
             out.setdefault(id(st), (n, st))
@@ -188,7 +197,7 @@ class BlockStatistics:
 
     def reduce(self, dist) -> None:
         """Data-parallel: replay every rank's recorded batches in rank (= global batch) order; sum Hessians."""
-        unique = self._unique()
+        unique = self.unique()
         gathered = dist.gather({n: st.records for n, st in unique.items()})
         for n, st in unique.items():
             st.records = []

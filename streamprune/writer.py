@@ -90,7 +90,8 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], event=no_event) ->
         publish(tmp, path, event)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"size": size, "sha256": digest.hexdigest()}
+    st = path.stat()
+    return {"size": size, "sha256": digest.hexdigest(), "stat": [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]}
 
 
 def _chunks(f):

@@ -20,14 +20,15 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
-def _collect(model, layer, ids, hooks_for):
-    """Run full forwards (batch 1, stop after `layer`) with the hooks `hooks_for(lin)` on each of its linears."""
+def _collect(model, layer, ids, hooks_for, batch_size=1):
+    """Run full forwards (batches of `batch_size`, stop after `layer`) with the hooks `hooks_for(lin)` on each of
+    its linears."""
     linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
     handles = [lin.register_forward_hook(h) for lin in linears for h in hooks_for(lin)]
     handles.append(layer.register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop())))
-    for s in range(ids.shape[0]):
+    for s in range(0, ids.shape[0], batch_size):
         try:
-            model(input_ids=ids[s:s + 1], use_cache=False)
+            model(input_ids=ids[s:s + batch_size], use_cache=False)
         except _Stop:
             pass
     for h in handles:
@@ -79,7 +80,7 @@ def _mask(metric, sparsity, n, m):
 @torch.no_grad()
 def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0,
                     method: str = "wanda", refine: str | None = None, profile: str = "uniform",
-                    owl_lambda: float = 0.08, owl_m: float = 5.0) -> dict[str, torch.Tensor]:
+                    owl_lambda: float = 0.08, owl_m: float = 5.0, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Prune `model` in place; return {parameter name: bool mask of zeroed weights}."""
     from streamprune.methods.dsnot import dsnot_refine
     from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities
@@ -111,7 +112,7 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
                 out.append(_hook(hessians.setdefault(lin, HessianStats(lin.in_features))))
             return out
 
-        linears = _collect(model, layer, ids, hooks) if method != "magnitude" else \
+        linears = _collect(model, layer, ids, hooks, batch_size) if method != "magnitude" else \
             [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
         for lin in linears:
             W = lin.weight.data

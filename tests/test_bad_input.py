@@ -20,9 +20,9 @@ def tree(path):
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def cli(*args):
+def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "streamprune", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                          timeout=300, env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
 
 
 def expect_error(model, out, *args, match, code=2):
@@ -227,10 +227,13 @@ def test_resume_without_job(tmp_path):
 
 
 def test_disk_space_is_checked(model, ids_file, tmp_path):
-    """A tmpfs too small for the output: a clear error naming both numbers, before anything is written."""
+    """A tmpfs too small for the output but larger than the 1 MiB margin (so an estimate of zero would pass): a
+    clear error naming both numbers, before anything is written."""
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={1024 * 1024 + size // 2}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         line = expect_error(model, mnt / "out", "--calib", ids_file, "--nsamples", "8", "--seqlen", "32",

@@ -58,9 +58,9 @@ def test_sparsegpt_two_ranks_disagreement_is_small(model, tmp_path):
             if v.dim() == 2 and ".layers." in k:
                 flipped += int(((v == 0) != (b[k] == 0)).sum())
                 total += v.numel()
-                assert torch.allclose(v, b[k], atol=1e-3, rtol=1e-3) or flipped
+                torch.testing.assert_close(v, b[k], atol=1e-4, rtol=1e-4)  # the same update, float32 rounding apart
     print(f"sparsegpt 1 vs 2 ranks: {flipped} of {total} mask entries differ")
-    assert flipped <= total * 1e-3
+    assert total and flipped == 0  # what the README states for this model
 
 
 @pytest.mark.slow
@@ -71,7 +71,8 @@ def test_killed_rank_fails_the_job_quickly(model, tmp_path):
               "--nproc", "2", env={"STREAMPRUNE_FAULT_AT": "statistics:2", "STREAMPRUNE_FAULT_RANK": "1",
                                    "STREAMPRUNE_DIST_TIMEOUT": "30"}, timeout=240)
     elapsed = time.time() - t
-    assert res.returncode != 0
+    assert res.returncode == 1, res.returncode  # torchrun: a worker failed
+    assert "did a rank die?" in res.stderr and "SIGKILL" in res.stderr
     assert elapsed < 120, elapsed
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
@@ -85,7 +86,7 @@ def test_distributed_resume_is_byte_identical(model, tmp_path):
     res = cli("prune", ckpt, tmp_path / "out", *args, env={"STREAMPRUNE_FAULT_AT": "block_start:3",
                                                            "STREAMPRUNE_FAULT_RANK": "0", "STREAMPRUNE_DIST_TIMEOUT": "30"},
               timeout=240)
-    assert res.returncode != 0
+    assert res.returncode == 1 and "SIGKILL" in res.stderr, res.stderr[-2000:]
     state = json.loads((tmp_path / "out" / ".streamprune" / "state.json").read_text())
     assert 0 < len(state["blocks"]) < 4
     res = cli("prune", ckpt, tmp_path / "out", *args)
@@ -105,8 +106,8 @@ def test_sigterm_on_one_rank_stops_all_at_a_safe_point(model, tmp_path):
     res = cli("prune", ckpt, tmp_path / "out", *args, env={"STREAMPRUNE_FAULT_AT": "propagate:5", "STREAMPRUNE_FAULT_RANK": "1",
                                                            "STREAMPRUNE_FAULT_SIGNAL": "TERM", "STREAMPRUNE_DIST_TIMEOUT": "60"},
               timeout=240)
-    assert res.returncode != 0
-    assert "streamprune resume" in res.stderr
+    assert res.returncode == 1, res.returncode  # torchrun reports the workers' exit 143 as a failure
+    assert "exitcode  : 143" in res.stderr and "streamprune resume" in res.stderr
     st = json.loads(cli("status", tmp_path / "out", "--json").stdout)
     assert 0 < st["blocks_done"] < 4 and st["snapshot_after_block"] == st["blocks_done"] - 1
     res = cli("resume", tmp_path / "out")

@@ -7,11 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED
 from streamprune.errors import StreamPruneError
 from streamprune.evaluate import evaluate, read_token_stream
 
-TEST = SHARED / "data" / "wikitext-2" / "test.txt"
 
 
 @torch.no_grad()
@@ -63,10 +61,8 @@ def test_bad_input_is_one_clear_error(tiny_models, tmp_path, kwargs, message):
 
 
 @pytest.fixture
-def test_text():
-    if not TEST.is_file():
-        pytest.skip(f"{TEST} not found")
-    return TEST
+def test_text(text_file):
+    return text_file
 
 
 @pytest.mark.slow
@@ -74,7 +70,7 @@ def test_smollm2_wikitext_matches_in_memory(smollm2, test_text):
     got = evaluate(smollm2, test_text, seqlen=512, windows=4, progress=False)
     windows = read_token_stream(test_text, smollm2)[:4 * 512].view(4, 512)
     want = in_memory_ppl(smollm2, windows)
-    print(f"SmolLM2-135M WikiText-2 test, 4 x 512: streamed {got['ppl']:.6f}, in-memory {want:.6f}")
+    print(f"SmolLM2-135M on real text, 4 x 512: streamed {got['ppl']:.6f}, in-memory {want:.6f}")
     assert got["ppl"] == pytest.approx(want, rel=1e-4)
     assert 5 < got["ppl"] < 100
 

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M checkpoint (bf16, 3 shards, tied embeddings), calibrated on WikiText-2 valid."""
+"""The real SmolLM2-135M checkpoint (bf16, 3 shards, tied embeddings), calibrated on real English text."""
 
 import json
 
@@ -7,19 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import streamprune
-from conftest import SHARED
 from reference import reference_prune
 
-VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 
 
 @pytest.fixture(scope="module")
-def windows(smollm2, tmp_path_factory):
-    if not VALID.is_file():
-        pytest.skip(f"{VALID} not found")
+def windows(smollm2, text_file, tmp_path_factory):
     from streamprune.calibration import calibration_windows
 
-    ids = calibration_windows(VALID, smollm2, nsamples=4, seqlen=128, seed=0, vocab_size=49152)
+    ids = calibration_windows(text_file, smollm2, nsamples=4, seqlen=128, seed=0, vocab_size=49152)
     path = tmp_path_factory.mktemp("smol") / "windows.jsonl"
     path.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids.tolist()))
     return ids, path
@@ -40,10 +36,8 @@ def test_smollm2_matches_reference_and_loads(smollm2, windows, tmp_path):
     assert tok("hello").input_ids  # tokenizer files travelled with the weights
 
 
-def test_smollm2_text_calibration_is_reproducible(smollm2, tmp_path):
-    if not VALID.is_file():
-        pytest.skip(f"{VALID} not found")
-    kw = dict(calib=str(VALID), nsamples=2, seqlen=64, seed=3, progress=False)
+def test_smollm2_text_calibration_is_reproducible(smollm2, text_file, tmp_path):
+    kw = dict(calib=str(text_file), nsamples=2, seqlen=64, seed=3, progress=False)
     a = streamprune.prune(smollm2, tmp_path / "a", **kw)
     b = streamprune.prune(smollm2, tmp_path / "b", **kw)
     assert a["sparsity"] == b["sparsity"]

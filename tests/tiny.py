@@ -1,4 +1,12 @@
-"""Tiny random-weight checkpoints of several decoder-only families, written with save_pretrained."""
+"""Tiny checkpoints of several decoder-only families, written with save_pretrained, and real text for tests.
+
+`make_checkpoint(..., realistic=True)` (what the test fixtures use) gives models whose numbers behave like a real
+model's: hidden size 80 and head dim 20 (square roots that no float format holds exactly, unlike 64's 8), and
+60 training steps on sequences that repeat with period 2 (the loss falls from 5.6 to about 4: the model has
+learnt to look two positions back), so attention depends on position and a wrong rotary table, mask or scale
+changes the outputs. The plain random models (realistic=False) stay available: the
+output-hash benchmark was recorded on them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ import torch
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+REALISTIC = dict(hidden_size=80, intermediate_size=160)
+TRAIN_STEPS = 60
 
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
@@ -24,28 +34,53 @@ FAMILIES = {
 }
 
 
-def make_config(family: str, **overrides):
+def make_config(family: str, realistic: bool = False, **overrides):
     import transformers
 
     cls_name, extra = FAMILIES[family]
-    kw = dict(COMMON, **extra)
+    kw = dict(COMMON, **(REALISTIC if realistic else {}), **extra)
     kw.update(overrides)
     return getattr(transformers, cls_name)(**kw)
 
 
+def _train(model, steps: int, seed: int) -> None:
+    """A few Adam steps of next-token prediction on period-2 sequences: position now matters."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (8, 2), generator=g).repeat(1, 16)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def make_checkpoint(path: Path, family: str = "llama", seed: int = 0, dtype=torch.float32, shard_size="40KB",
-                    **overrides) -> Path:
-    """Random weights (scaled so activations stay well-conditioned), saved as a sharded safetensors checkpoint."""
+                    realistic: bool = False, float32_norms: bool = False, **overrides) -> Path:
+    """A sharded safetensors checkpoint: random weights scaled so activations stay well-conditioned, trained a
+    few steps when `realistic`; saved in `dtype` (with 1-D tensors kept in float32 if `float32_norms`)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = make_config(family, **overrides)
+    cfg = make_config(family, realistic, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # tied embeddings are the output head too: smaller, or the logits of a trained model blow up
+    embed_std = 0.1 if realistic and cfg.get_text_config().tie_word_embeddings else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0, 0.5 / p.shape[-1] ** 0.5) if "embed" not in name else p.normal_(0, 1.0)
-    model.to(dtype).save_pretrained(path, max_shard_size=shard_size)
+                p.normal_(0, 0.5 / p.shape[-1] ** 0.5) if "embed" not in name else p.normal_(0, embed_std)
+    if realistic:
+        _train(model, TRAIN_STEPS, seed)
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 1}
+    model.to(dtype)
+    if float32_norms:  # the trained float32 values, most of which bf16 cannot hold
+        for n, p in model.named_parameters():
+            if n in norms:
+                p.data = norms[n]
+    model.save_pretrained(path, max_shard_size=shard_size)
     return Path(path)
 
 
@@ -53,5 +88,16 @@ def write_ids(path: Path, n: int, seqlen: int, vocab: int = 256, seed: int = 0) 
     """A JSONL calibration file of pinned token windows."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, seqlen), generator=g)
-    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
-    return path
+    return write_windows(path, ids)
+
+
+def write_windows(path: Path, ids: torch.Tensor) -> Path:
+    Path(path).write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
+    return Path(path)
+
+
+def real_text() -> str:
+    """About 460 kB of English prose that every Python installation carries (the interpreter's help topics)."""
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
