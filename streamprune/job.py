@@ -288,6 +288,7 @@ def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
         "activations": job.plan.tier if job.plan else None, "nsamples": spec.options.nsamples,
         "seqlen": spec.options.seqlen, "ranks": job.rt.dist.world, "rank": job.rt.dist.rank,
         "phase_seconds": {k: round(v, 4) for k, v in sorted(job.obs.seconds.items())},
+        "input_hash_seconds": round(job.ckpt.hash_seconds, 4),  # inside read_block/write, on the I/O thread
         "block_sparsity": [sp[k] for k in sorted(sp)],
         "block_seconds": [state.blocks[k].phase_seconds for k in sorted(sp)],
     }

