@@ -76,6 +76,9 @@ PRUNE_OPTIONS = [
                  help="uniform, or owl: per-block sparsity from a dense outlier sweep (average = --sparsity)."),
     click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL: sparsity spread +-lambda."),
     click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL: outlier = score > M x mean."),
+    click.option("--expert-min-tokens", type=int, default=16, show_default=True,
+                 help="Mixture-of-Experts: an expert reached by fewer calibration tokens is pruned with the "
+                      "statistics of all tokens routed to it by force."),
     click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
     click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
     click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),

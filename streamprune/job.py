@@ -78,7 +78,8 @@ class PruneJob:
                 return summary(self, mon, resumed=True)
             self.plan = plan_job(spec, self.model.blocks, self.ckpt)
             rt.dist.agree(lambda: check_disk(self.plan, spec.out, sum(m["size"] for m in self.state.files.values())))
-            self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk)
+            self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk,
+                                  spec.options.expert_min_tokens)
             try:
                 start = self._verify() if resumed else 0
                 with BlockIO(self.model.read_block, spec.options.overlap, self.obs.phase) as io:
@@ -116,7 +117,7 @@ class PruneJob:
                 host, input_sha256 = io.read(i, ahead=i + 1 if i + 1 < n else None)
                 block, kept = model.load_block(i, host)
                 del host
-            want = {name[len(model.block_prefix(i)):] for name in kept}
+            want = model.kept_params(i, kept)
             try:
                 result = self.loop.prune_block(i, block, acts, sparsities[i], want)
             except Stopped:
@@ -129,7 +130,7 @@ class PruneJob:
             phases = {k: round(v - before.get(k, 0.0), 4) for k, v in self.obs.seconds.items()
                       if v - before.get(k, 0.0) > 0 and k not in BACKGROUND_PHASES}
             record = BlockRecord(self.block_files[i], result.sparsity, result.target, result.linears,
-                                 time.perf_counter() - t_block, phases, input_sha256)
+                                 time.perf_counter() - t_block, phases, input_sha256, result.experts, result.fallback)
             io.write(self._shard_writer(record.file, tensors),
                      lambda meta, seconds, i=i, r=record, s=snapshot: self._commit(meta, seconds, i, r, s))
             del tensors
@@ -290,6 +291,8 @@ def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
         "phase_seconds": {k: round(v, 4) for k, v in sorted(job.obs.seconds.items())},
         "input_hash_seconds": round(job.ckpt.hash_seconds, 4),  # inside read_block/write, on the I/O thread
         "block_sparsity": [sp[k] for k in sorted(sp)],
+        "experts": sum(b.experts for b in state.blocks.values()),
+        "experts_fallback": sum(b.fallback for b in state.blocks.values()),  # see BlockLoop.fallback
         "block_seconds": [state.blocks[k].phase_seconds for k in sorted(sp)],
     }
     out.update(mon.report())

@@ -14,7 +14,7 @@ from torch import nn
 
 from .memory import trim
 from .errors import StreamPruneError
-from .model import all_finite, block_output
+from .model import all_finite, block_output, experts_modules, targets
 from .statistics import BlockStatistics, StopForward
 
 
@@ -27,10 +27,12 @@ class Stopped(Exception):
 
 @dataclass
 class BlockResult:
-    linears: dict         # linear name -> {"zeros", "numel"}
+    linears: dict         # target label (a linear's module name, an experts parameter) -> {"zeros", "numel"}
     target: float         # the sparsity this block was pruned to
-    masks: dict           # local weight name -> mask, for the weights asked for
-    recomputed: set       # local weight names the pruner replaced (not only masked)
+    masks: dict           # local parameter name -> mask, for the parameters asked for
+    recomputed: set       # local parameter names the pruner replaced (not only masked)
+    experts: int = 0      # experts pruned (each with its own matrices)
+    fallback: int = 0     # experts that took the all-tokens statistics (see BlockLoop.fallback)
 
     @property
     def sparsity(self) -> float:
@@ -41,9 +43,10 @@ class BlockResult:
 
 class BlockLoop:
     def __init__(self, pruner, structure, runtime, observer, device: torch.device, dtype: torch.dtype,
-                 row_chunk: int = 0):
+                 row_chunk: int = 0, expert_min_tokens: int = 0):
         self.pruner, self.structure, self.rt, self.obs = pruner, structure, runtime, observer
         self.device, self.dtype, self.row_chunk = device, dtype, row_chunk
+        self.expert_min_tokens = expert_min_tokens
 
     @torch.no_grad()
     def forward_all(self, block: nn.Module, i: int, acts, desc: str, outputs: bool = True,
@@ -56,6 +59,8 @@ class BlockLoop:
                 raise Stopped
             self.obs.event(desc)
             a, b = acts.local(j0, j1)
+            if stats is not None:
+                stats.batch = j1 - j0
             try:
                 y = block_output(block, acts.inputs.read(a, b, self.device), acts.kwargs[j1 - j0][i])
             except StopForward:
@@ -69,45 +74,79 @@ class BlockLoop:
                                            + ("; rerun with --dtype float32" if self.dtype != torch.float32 else ""))
                 acts.outputs.write(a, y)
 
-    def statistics(self, block: nn.Module, i: int, acts, needs: frozenset, desc: str,
-                   outputs: bool) -> BlockStatistics:
-        """A dense pass with statistics hooks (stopping after the last linear unless outputs are wanted)."""
-        with BlockStatistics(block, needs, record=self.rt.dist.enabled, stop_early=not outputs) as stats:
+    def statistics(self, block: nn.Module, i: int, acts, needs: frozenset, desc: str, outputs: bool,
+                   force: dict | None = None) -> BlockStatistics:
+        """A dense pass with statistics hooks (stopping after the last target unless outputs are wanted)."""
+        with BlockStatistics(block, needs, record=self.rt.dist.enabled, stop_early=not outputs,
+                             force=force) as stats:
             self.forward_all(block, i, acts, desc, outputs=outputs, stats=stats)
         if self.rt.dist.enabled:
             stats.reduce(self.rt.dist)
+        for key, st in stats.unique().items():
+            if not st.finite() and not force:
+                name = key[0] if key[1] is None else f"{key[0]} (expert {key[1]})"
+                raise StreamPruneError(f"block {i} {name.removesuffix('.weight')}: its inputs are not finite (NaN or "
+                                       f"Inf) in {str(self.dtype).replace('torch.', '')} compute; "
+                                       + ("rerun with --dtype float32" if self.dtype != torch.float32 else
+                                          "the blocks before it produce them"))
         return stats
+
+    def fallback(self, block: nn.Module, i: int, acts, stats: BlockStatistics) -> int:
+        """Experts the calibration data barely reached (fewer than `expert_min_tokens` routed tokens) take the
+        statistics they would have if every token were routed to them, computed by the model's own expert code
+        with the routing forced. Returns how many experts did."""
+        from .model import experts_modules
+
+        names = {id(m): n for n, m in experts_modules(block).items()}
+        starved = {}
+        for t in stats.targets:
+            for e in range(t.experts or 0):
+                if stats.stats[(t.name, e)].tokens < self.expert_min_tokens:
+                    starved.setdefault(names[id(t.module)], set()).add(e)
+        if not starved:
+            return 0
+        force = {name: sorted(es) for name, es in starved.items()}
+        full = self.statistics(block, i, acts, self.pruner.needs, "fallback", outputs=False, force=force)
+        for t in stats.targets:
+            for e in starved.get(names.get(id(t.module)), ()):
+                stats.stats[(t.name, e)] = full.stats[(t.name, e)]
+        return sum(len(es) for es in starved.values())
 
     @torch.no_grad()
     def prune_block(self, i: int, block: nn.Module, acts, sparsity: float, want_masks: set) -> BlockResult:
-        """Prune every linear of block i in place; `want_masks` names the weights whose masks to return."""
+        """Prune every target of block i in place (each expert's matrix on its own); `want_masks` names the
+        parameters whose masks to return."""
         stats = None
+        result = BlockResult({}, sparsity, {}, set())
         if self.pruner.needs_data:
             with self.obs.phase("statistics", self.device):
                 stats = self.statistics(block, i, acts, self.pruner.needs, "statistics", outputs=False)
-            for name, st in stats.unique().items():
-                if not st.finite():
-                    raise StreamPruneError(f"block {i} {name}: its inputs are not finite (NaN or Inf) in "
-                                           f"{str(self.dtype).replace('torch.', '')} compute; "
-                                           + ("rerun with --dtype float32" if self.dtype != torch.float32 else
-                                              "the blocks before it produce them"))
-        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        result = BlockResult({}, sparsity, {}, set())
+                result.fallback = self.fallback(block, i, acts, stats)
         with self.obs.phase("prune", self.device):
-            for name, lin in linears.items():
-                pruned = self.pruner.prune(lin.weight, stats.pop(name) if stats else None, sparsity,
-                                           self.structure, self.row_chunk)
-                if pruned.weight is not None:
-                    lin.weight.copy_(pruned.weight)
-                    result.recomputed.add(name + ".weight")
-                lin.weight.masked_fill_(pruned.mask, 0)
-                result.linears[name] = {"zeros": int(pruned.mask.count_nonzero()), "numel": pruned.mask.numel()}
-                if name + ".weight" in want_masks:
-                    result.masks[name + ".weight"] = pruned.mask
-                del pruned
-                if lin.weight.numel() >= TRIM_ELEMENTS:
-                    trim()  # its metric and selection workspace went back to malloc: give the pages to the OS
+            for t in (stats.targets if stats else targets(block)):
+                zeros = numel = 0
+                full = torch.zeros(t.weight.shape, dtype=torch.bool, device=t.weight.device) \
+                    if t.name in want_masks else None
+                for e in ([None] if t.experts is None else range(t.experts)):
+                    w = t.matrix(t.weight, e)
+                    pruned = self.pruner.prune(w, stats.pop((t.name, e)) if stats else None, sparsity,
+                                               self.structure, self.row_chunk)
+                    if pruned.weight is not None:
+                        w.copy_(pruned.weight)
+                        result.recomputed.add(t.name)
+                    w.masked_fill_(pruned.mask, 0)
+                    zeros, numel = zeros + int(pruned.mask.count_nonzero()), numel + pruned.mask.numel()
+                    if full is not None:
+                        t.matrix(full, e).copy_(pruned.mask)
+                    del pruned
+                    if w.numel() >= TRIM_ELEMENTS:
+                        trim()  # its metric and selection workspace went back to malloc: give the pages to the OS
+                result.linears[t.label] = {"zeros": zeros, "numel": numel}
+                if full is not None:
+                    result.masks[t.name] = full
         del stats
+        result.experts = sum(next(p for p in m.parameters(recurse=False) if p.dim() == 3).shape[0]
+                             for m in experts_modules(block).values())
         if self.pruner.needs_data:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")
@@ -120,8 +159,11 @@ class BlockLoop:
         for i in self.obs.bar(range(len(model.blocks)), desc=f"{profile.name} sweep", unit="block"):
             block, _ = model.load_block(i)
             stats = self.statistics(block, i, acts, profile.needs, profile.name, outputs=True)
-            scores.append(profile.score([(m.weight, stats.stats[n]) for n, m in stats.linears.items()], self.row_chunk))
-            del stats
+            self.fallback(block, i, acts, stats)
+            pairs = [(t.matrix(t.weight, e), stats.stats[(t.name, e)]) for t in stats.targets
+                     for e in ([None] if t.experts is None else range(t.experts))]
+            scores.append(profile.score(pairs, self.row_chunk))
+            del stats, pairs
             model.release_block(i)
             acts.swap()
         return scores

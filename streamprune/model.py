@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import StreamPruneError
+from .layout import Layout, dequantize, fp8_block, quantize
 from .memory import host_empty, trim
 from .methods import check_prunable
 from .shards import Checkpoint
@@ -42,7 +43,9 @@ def _params_on_meta():
 def build_skeleton(config, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> nn.Module:
     """A causal-LM instance of the config's architecture with all parameters on meta. Built in `dtype` (the
     compute dtype), so that its buffers are exactly what `from_pretrained(dtype=...)` computes: Gemma's
-    embed_scale is sqrt(hidden) rounded to that dtype, not to the checkpoint's."""
+    embed_scale is sqrt(hidden) rounded to that dtype, not to the checkpoint's. Mixture-of-Experts run their
+    eager expert loop (each expert's matrices in their own matmul: statistics.py watches them); an architecture
+    without sdpa attention (gpt-oss) gets eager attention."""
     from transformers import AutoModelForCausalLM
 
     arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
@@ -52,12 +55,17 @@ def build_skeleton(config, attn_implementation: str = "sdpa", dtype: torch.dtype
     if getattr(config, "is_encoder_decoder", False) or (named and not any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in named)):
         raise StreamPruneError(unsupported)
-    try:
-        with _params_on_meta():
-            kwargs = {"dtype": dtype} if dtype is not None else {}
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, **kwargs)
-    except ValueError as e:
-        raise StreamPruneError(f"{unsupported} ({str(e).splitlines()[0][:120]})") from None
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    for attn in dict.fromkeys([attn_implementation, "eager"]):
+        try:
+            with _params_on_meta():
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn,
+                                                         experts_implementation="eager", **kwargs)
+            break
+        except ValueError as e:
+            if "attention implementation" in str(e) and attn != "eager":
+                continue
+            raise StreamPruneError(f"{unsupported} ({str(e).splitlines()[0][:120]})") from None
     if any(getattr(m, "is_causal", True) is False for m in model.modules()):
         raise StreamPruneError(f"{unsupported}: its attention is not causal")
     return model.eval().requires_grad_(False)
@@ -213,19 +221,84 @@ def quantization_method(config) -> str | None:
 def layout_problem(config, tensors: dict, skeleton: nn.Module) -> str | None:
     """What makes a checkpoint unprunable as it is, said as what it is (not as 'tensor ... is missing')."""
     method = quantization_method(config)
-    if method:
+    if method and not fp8_block(config):
         return (f"a quantized checkpoint (quantization_config quant_method {method!r}); streamprune prunes "
-                f"unquantized weights: use the unquantized release or dequantize it first")
+                f"unquantized weights and block-scaled FP8 (quant_method 'fp8' with weight_block_size): use the "
+                f"unquantized release or dequantize it first")
     for ending, what in QUANTIZED_LAYOUTS:
+        if method and ending == ".weight_scale_inv":
+            continue  # block-scaled FP8, declared: read by layout.py
         hit = next((n for n in tensors if n.endswith(ending)), None)
         if hit is not None:
             return f"holds {what}, e.g. {hit}, without a quantization_config; streamprune prunes unquantized weights"
-    fused = any(p.dim() == 3 for n, p in skeleton.named_parameters() if ".experts." in n)
-    hit = next((n for n in tensors if PER_EXPERT.search(n)), None)
-    if fused and hit is not None:
-        return (f"Mixture-of-Experts weights saved one tensor per expert (e.g. {hit}); this version reads experts "
-                f"only in the fused layout the model uses in memory")
     return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A weight the pruner prunes: an nn.Linear's `weight`, or a Mixture-of-Experts parameter holding one matrix
+    per expert ([experts, out, in], or [experts, in, out] when `transposed`)."""
+    name: str                 # local name of the parameter inside the block
+    module: nn.Module
+    attr: str                 # the parameter's attribute on `module`
+    experts: int | None = None
+    transposed: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
+
+    def matrix(self, tensor: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """The [out, in] view of expert `expert`'s matrix in `tensor` (the parameter, or a same-shaped mask)."""
+        if expert is None:
+            return tensor
+        m = tensor[expert]
+        return m.t() if self.transposed else m
+
+    @property
+    def label(self) -> str:
+        """How summaries and reports name it: a linear by its module, an experts parameter by itself."""
+        return self.name.removesuffix(".weight") if self.experts is None else self.name
+
+    @property
+    def in_features(self) -> int:
+        w = self.weight
+        return w.shape[-1] if self.experts is None or not self.transposed else w.shape[1]
+
+
+def experts_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding Mixture-of-Experts weights: 3-D parameters sharing their first (expert) dimension."""
+    out = {}
+    for name, mod in block.named_modules():
+        cubes = [p for p in mod.parameters(recurse=False) if p.dim() == 3]
+        if cubes and len({p.shape[0] for p in cubes}) == 1:
+            out[name] = mod
+    return out
+
+
+def targets(block: nn.Module) -> list[Target]:
+    """Every weight of the block the pruner prunes, in module order. Not pruned: routers (never an nn.Linear in
+    transformers 5) and linears that gate a Mixture-of-Experts block with one score per expert or a single
+    scalar (Qwen2-MoE's shared_expert_gate): routing, not computation."""
+    experts = experts_modules(block)
+    gates = set()
+    for name, mod in experts.items():
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        count = next(p.shape[0] for p in mod.parameters(recurse=False) if p.dim() == 3)
+        for sib_name, sib in block.named_modules():
+            if (isinstance(sib, nn.Linear) and (sib_name.rsplit(".", 1)[0] if "." in sib_name else "") == parent
+                    and sib.out_features in (count, 1)):
+                gates.add(sib_name)
+    out = []
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear) and name not in gates:
+            out.append(Target(f"{name}.weight", mod, "weight"))
+        elif name in experts:
+            for attr, p in mod.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    out.append(Target(f"{name}.{attr}" if name else attr, mod, attr, p.shape[0],
+                                      bool(getattr(mod, "is_transposed", False))))
+    return out
 
 
 def exact_cast(stored: torch.dtype, compute: torch.dtype) -> bool:
@@ -255,8 +328,9 @@ def to_host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class StreamedModel:
     """A checkpoint's model code without its weights: the meta skeleton and its decoder blocks, with the one
-    path by which tensors go from the checkpoint into a module (cast to the compute dtype, on the device) and
-    from a pruned block back to checkpoint tensors. Shared by the prune job and the streamed evaluation."""
+    path by which tensors go from the checkpoint into a module (through the checkpoint's layout, cast to the
+    compute dtype, on the device) and from a pruned block back to checkpoint tensors in the checkpoint's own
+    layout and dtypes. Shared by the prune job and the streamed evaluation."""
 
     def __init__(self, config, ckpt: Checkpoint, device, dtype, attn_implementation: str = "sdpa"):
         self.config = config
@@ -267,6 +341,10 @@ class StreamedModel:
         self.head_prefix = next(n for n, m in self.skeleton.named_modules() if m is head) + "." if head is not None else None
         # the model's own decision, taken before any parameter is replaced: a tied skeleton shares the Parameter
         self.tied = head is not None and head.weight is self.skeleton.get_input_embeddings().weight
+        self.shapes = {n: tuple(t.shape) for n, t in self.skeleton.named_parameters()}
+        self.shapes.update((n, tuple(t.shape)) for n, t in self.skeleton.named_buffers())
+        needed = {n: self.shapes[n] for n in checkpoint_names(self.skeleton)}
+        self.layout = Layout(config, needed, {n: (t.dtype, t.shape) for n, t in ckpt.tensors.items()})
 
     # ------------------------------------------------------------------ names
 
@@ -308,69 +386,95 @@ class StreamedModel:
         return [g for g in groups if g]
 
     def check(self, structure=None) -> None:
-        """Every tensor the model needs is in the checkpoint with the shape the config implies, and every
-        block linear can take the N:M structure. The only shape check: nothing is read before it passes."""
+        """Every tensor the model needs is in the checkpoint (directly or through its layout) with the shape the
+        config implies, and every block's linears and experts can take the N:M structure. The only shape check:
+        nothing is read before it passes."""
         explained = layout_problem(self.config, self.ckpt.tensors, self.skeleton)
         if explained:
             raise StreamPruneError(f"{self.ckpt.path}: {explained}")
-        shapes = {n: tuple(t.shape) for n, t in self.skeleton.named_parameters()}
-        shapes.update((n, tuple(t.shape)) for n, t in self.skeleton.named_buffers())
         for name in checkpoint_names(self.skeleton):
-            info = self.ckpt.tensors.get(name)
-            if info is None and self.in_head(name) and self.tied:
+            pieces = self.layout.pieces.get(name)
+            if pieces is None and self.in_head(name) and self.tied:
                 continue  # tied to the input embeddings: checkpoints may leave it out
-            if info is None:
-                untied = " (the config does not tie it to the input embeddings)" if self.in_head(name) else ""
-                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint{untied}")
-            if info.shape != shapes[name]:
-                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} has shape {list(info.shape)}, "
-                                       f"the config implies {list(shapes[name])}")
+            if pieces is None:
+                hit = next((n for n in self.ckpt.tensors if PER_EXPERT.search(n)), None)
+                why = (" (the config does not tie it to the input embeddings)" if self.in_head(name) else
+                       f" (experts are stored one by one, e.g. {hit}, and transformers has no conversion rule "
+                       f"for {self.config.model_type})" if hit and ".experts." in name else "")
+                raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint{why}")
+            whole = torch.empty(self.shapes[name], device="meta")
+            for p in pieces:
+                want, got = tuple(p.region(whole).shape), tuple(self.ckpt.tensors[p.name].shape)
+                if want != got:
+                    raise StreamPruneError(f"{self.ckpt.path}: tensor {p.name} has shape {list(got)}, the config "
+                                           f"implies {list(want)}")
         if structure is not None:
-            for lin in (m for m in self.blocks[0].modules() if isinstance(m, nn.Linear)):
-                check_prunable(lin.in_features, structure)
+            for block in self.blocks:
+                for t in targets(block):
+                    check_prunable(t.in_features, structure)
 
     # ------------------------------------------------------------------ tensors in and out
 
-    def _assign(self, module: nn.Module, prefix: str, host: dict, keep_if_inexact: bool) -> dict:
-        """Assign module's checkpoint tensors from `host` (checkpoint name -> host tensor), cast to the compute
-        dtype on the device. Returns the host tensors kept for writing back: those the compute dtype cannot
-        return bit for bit (when asked) and buffers."""
-        kept, params = {}, {n for n, _ in module.named_parameters()}
-        for local in checkpoint_names(module):
-            t = host[prefix + local]
-            dtype = self.dtype if t.is_floating_point() else t.dtype
-            if local not in params or (keep_if_inexact and not exact_cast(t.dtype, dtype)):
-                kept[prefix + local] = t
-            if self.device.type == "cpu" and t.dtype != dtype:
-                value = host_empty(t.shape, dtype)
-                value.copy_(t)
+    def _value(self, name: str, host: dict, kept: dict | None) -> torch.Tensor:
+        """Parameter `name` in the compute dtype on the device, assembled from its pieces in `host`. Pieces the
+        compute dtype cannot give back bit for bit go to `kept` (when given)."""
+        pieces = self.layout.pieces[name]
+        first = host[pieces[0].name]
+        dtype = self.dtype if (first.is_floating_point() or pieces[0].scale) else first.dtype
+        if len(pieces) == 1 and pieces[0].expert is None and not pieces[0].scale:
+            if kept is not None and not exact_cast(first.dtype, dtype):
+                kept[pieces[0].name] = first
+            if self.device.type == "cpu" and first.dtype != dtype:
+                value = host_empty(first.shape, dtype)
+                value.copy_(first)
             else:
-                value = t.to(self.device, dtype, non_blocking=True)
-            if not all_finite(value):  # masks computed from NaN would be garbage that still exits 0
-                if all_finite(t):
-                    biggest = float(t.float().abs().max())
-                    raise StreamPruneError(f"tensor {prefix + local} does not fit in {str(dtype).replace('torch.', '')} "
-                                           f"(magnitudes up to {biggest:.3g}); use --dtype float32")
-                raise StreamPruneError(f"{self.ckpt.path}: tensor {prefix + local} holds NaN or Inf values; a block "
-                                       f"with them cannot be pruned: repair or re-export the checkpoint")
-            set_tensor(module, local, value)
-        for name, b in module.named_buffers():
-            if b.device != self.device and b.device.type != "meta":
-                set_tensor(module, name, b.to(self.device))
-        return kept
+                value = first.to(self.device, dtype, non_blocking=True)
+        else:
+            value = (host_empty(self.shapes[name], dtype) if self.device.type == "cpu" else
+                     torch.empty(self.shapes[name], dtype=dtype, device=self.device))
+            for p in pieces:
+                t = host[p.name]
+                if p.scale:
+                    t = dequantize(t, host[p.scale], p.block, dtype)
+                elif kept is not None and not exact_cast(t.dtype, dtype):
+                    kept[p.name] = t
+                p.region(value).copy_(t, non_blocking=True)
+        if not all_finite(value):  # masks computed from NaN would be garbage that still exits 0
+            if all(all_finite(host[p.name]) for p in pieces if not p.scale):
+                raise StreamPruneError(f"tensor {name} does not fit in {str(dtype).replace('torch.', '')}; use "
+                                       f"--dtype float32")
+            raise StreamPruneError(f"{self.ckpt.path}: tensor {name} holds NaN or Inf values; a block with them "
+                                   f"cannot be pruned: repair or re-export the checkpoint")
+        return value
 
     def load_block(self, i: int, host: dict | None = None) -> tuple[nn.Module, dict]:
-        """Block i with its weights (from `host`, else read now). Returns (block, kept): `kept` holds the host
-        tensors that `block_tensors` writes back as they are (buffers, unknown tensors, and tensors the compute
-        dtype cannot represent exactly)."""
+        """Block i with its weights (from `host`, which it consumes, else read now). Returns (block, kept):
+        `kept` holds the host tensors that `block_tensors` writes back as they are (FP8 scales, unknown tensors,
+        persistent buffers, and tensors the compute dtype cannot represent exactly). Each host tensor is dropped
+        as soon as its parameter exists in the compute dtype: the block as read and as computed are never both
+        whole in memory."""
         prefix = self.block_prefix(i)
         if host is None:
             host, _ = self.read_block(i)
-        block = self.blocks[i]
-        kept = self._assign(block, prefix, host, keep_if_inexact=True)
-        known = {prefix + n for n in checkpoint_names(block)}
-        kept.update((n, t) for n, t in host.items() if n not in known)
+        block, kept = self.blocks[i], {}
+        params = {n for n, _ in block.named_parameters()}
+        for local in checkpoint_names(block):
+            set_tensor(block, local, self._value(prefix + local, host, kept))
+            if local in params:
+                for p in self.layout.pieces[prefix + local]:
+                    host.pop(p.name, None)
+        for name, b in block.named_buffers():
+            if b.device != self.device and b.device.type != "meta":
+                set_tensor(block, name, b.to(self.device))
+        kept.update(host)  # what no parameter used: scales, buffers, unknown tensors
+        host.clear()
         return block, kept
+
+    def kept_params(self, i: int, kept: dict) -> set[str]:
+        """Block i's parameters (local names) some of whose pieces `load_block` kept: their masks are needed."""
+        prefix = self.block_prefix(i)
+        return {local for local, _ in self.blocks[i].named_parameters()
+                if any(p.name in kept for p in self.layout.pieces.get(prefix + local, []))}
 
     def read_block(self, i: int) -> tuple[dict, str]:
         """Block i's tensors as stored, and their sha256 (names and bytes in name order). No torch compute here:
@@ -380,23 +484,32 @@ class StreamedModel:
         return {name: self.ckpt.read(name, pin=pin, digest=digest) for name in self.block_names(i)}, digest.hexdigest()
 
     def block_tensors(self, i: int, block: nn.Module, kept: dict, masks: dict, recomputed: set) -> dict:
-        """Block i's shard contents, every tensor in its own checkpoint dtype. A weight the pruner recomputed
-        (`recomputed`, local names) comes from the module; a kept original is written as it was read, zeroed
-        where `masks` says; any other parameter comes back from the module (its cast is exact). Consumes the
-        block: each parameter is dropped as soon as its copy exists, so the block in the compute dtype and its
-        outgoing copy are never both whole in memory."""
+        """Block i's shard contents in the checkpoint's own layout and dtypes. A parameter comes back from the
+        module (its cast is exact, or the pruner recomputed it; FP8 codes are re-encoded with their own scales);
+        a kept original is written as it was read, zeroed where `masks` (local parameter name -> mask) says.
+        Consumes the block: each parameter is dropped once its pieces are copied, so the block in the compute
+        dtype and its outgoing copy are never both whole in memory."""
         prefix, out = self.block_prefix(i), {}
         params = dict(block.named_parameters())
+        owner = {p.name: (local, p) for local in params for p in self.layout.pieces.get(prefix + local, [])}
+        left = {local: len(self.layout.pieces.get(prefix + local, [])) for local in params}
         for name in self.block_names(i):
-            local = name[len(prefix):]
-            if local in params and (name not in kept or local in recomputed):
-                out[name] = to_host(params[local], self.ckpt.tensors[name].dtype)
-                set_tensor(block, local, torch.empty(params.pop(local).shape, device="meta"))
-            else:
+            if name not in owner:
+                out[name] = kept[name]  # scales, buffers, tensors the model does not know: as read
+                continue
+            local, piece = owner[name]
+            if name in kept and local not in recomputed:
                 t = kept[name]
                 if local in masks:
-                    t.masked_fill_(masks[local].to(t.device), 0)
+                    t.masked_fill_(piece.region(masks[local]).to(t.device), 0)
                 out[name] = t
+            elif piece.scale:
+                out[name] = quantize(piece.region(params[local]).cpu(), kept[piece.scale], piece.block)
+            else:
+                out[name] = to_host(piece.region(params[local]), self.ckpt.tensors[name].dtype).contiguous()
+            left[local] -= 1
+            if not left[local]:
+                set_tensor(block, local, torch.empty(params.pop(local).shape, device="meta"))
         return out
 
     def release_block(self, i: int) -> None:
@@ -406,20 +519,19 @@ class StreamedModel:
     def materialize_outside(self, with_head: bool) -> None:
         """Assign the non-block parameters; the output embeddings only if asked (tied: the input embedding)."""
         names = [n for n in checkpoint_names(self.skeleton) if self.outside(n) and not self.in_head(n)]
-        self._assign_names(self.skeleton, "", names)
+        self._assign_names(self.skeleton, names)
         if not with_head or self.head_prefix is None:
             return
         head = self.skeleton.get_output_embeddings()
         if self.tied:
             set_tensor(head, "weight", self.skeleton.get_input_embeddings().weight)
         else:
-            self._assign_names(head, self.head_prefix, checkpoint_names(head))
+            self._assign_names(self.skeleton, [self.head_prefix + n for n in checkpoint_names(head)])
 
-    def _assign_names(self, module: nn.Module, prefix: str, local_names: list[str]) -> None:
-        for local in local_names:
-            t = self.ckpt.read(prefix + local)
-            dtype = self.dtype if t.is_floating_point() else t.dtype
-            set_tensor(module, local, t.to(self.device, dtype))
+    def _assign_names(self, module: nn.Module, names: list[str]) -> None:
+        for name in names:
+            host = {n: self.ckpt.read(n) for n in self.layout.sources(name)}
+            set_tensor(module, name, self._value(name, host, None))
         for name, b in module.named_buffers():
             if b.device != self.device and b.device.type != "meta":
                 set_tensor(module, name, b.to(self.device))

@@ -126,10 +126,11 @@ class PruneOptions:
     sparsity_profile: str = "uniform"   # "owl": per-block sparsity from a dense outlier sweep
     owl_lambda: float = 0.08
     owl_m: float = 5.0
+    expert_min_tokens: int = 16         # experts reached by fewer calibration tokens use all tokens' statistics
 
     # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
     RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
-                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m")
+                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens")
 
     @classmethod
     def from_dict(cls, options: dict) -> "PruneOptions":
@@ -165,6 +166,8 @@ class PruneOptions:
             raise StreamPruneError("--seqlen must be at least 2")
         if self.snapshot_every < 0:
             raise StreamPruneError("--snapshot-every must be 0 (never) or more")
+        if self.expert_min_tokens < 0:
+            raise StreamPruneError("--expert-min-tokens must be 0 or more")
         from .units import parse_size
 
         parse_size(self.gpu_memory_limit)

@@ -50,6 +50,8 @@ class BlockRecord:
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=dict)
     input_sha256: str = ""   # of the block's tensors as read from the input (see StreamedModel.read_block)
+    experts: int = 0         # experts pruned
+    fallback: int = 0        # experts pruned with the all-tokens statistics (BlockLoop.fallback)
 
     @property
     def zeros(self) -> int:

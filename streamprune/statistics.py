@@ -19,7 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import StreamPruneError
 
 
 class StopForward(Exception):
@@ -32,8 +36,8 @@ class SquaredNorms:
         self.nsamples = 0
 
     @staticmethod
-    def contribution(x: torch.Tensor):
-        b = x.shape[0] if x.dim() == 3 else 1
+    def contribution(x: torch.Tensor, b: int | None = None):
+        b = b if b is not None else (x.shape[0] if x.dim() == 3 else 1)
         x = x.reshape(-1, x.shape[-1]).t().float()
         return b, torch.norm(x, p=2, dim=1) ** 2
 
@@ -60,18 +64,23 @@ class ChannelMoments:
         self.nsamples = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        self.accumulate(*self.contribution(x))
+    def add(self, x: torch.Tensor, b: int | None = None) -> None:
+        self.accumulate(*self.contribution(x, b))
 
     @staticmethod
-    def contribution(x: torch.Tensor):
+    def contribution(x: torch.Tensor, b: int | None = None):
         """One batch's part: (samples, tokens, mean, variance, sum over tokens)."""
-        b = x.shape[0] if x.dim() == 3 else 1
+        b = b if b is not None else (x.shape[0] if x.dim() == 3 else 1)
         x = x.reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:  # an expert no token of this batch was routed to
+            zero = x.new_zeros(x.shape[1])
+            return b, 0, zero, zero, zero
         return b, x.shape[0], x.mean(0), x.var(0, unbiased=False), x.sum(0)
 
     def accumulate(self, b: int, t: int, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
-        if self.ntokens == 0:
+        if t == 0:
+            pass
+        elif self.ntokens == 0:
             self.mean, self.var = mean, var
         else:
             self.var = (self.var * self.ntokens + var * t) / (self.ntokens + t)
@@ -91,8 +100,8 @@ class HessianStats:
         self.nsamples = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        b = x.shape[0] if x.dim() == 3 else 1
+    def add(self, x: torch.Tensor, b: int | None = None) -> None:
+        b = b if b is not None else (x.shape[0] if x.dim() == 3 else 1)
         x = x.reshape(-1, x.shape[-1])
         self.H *= self.nsamples / (self.nsamples + b)
         self.nsamples += b
@@ -106,6 +115,7 @@ class LinearStats:
     def __init__(self, needs: frozenset, columns: int, device, record: bool):
         self.record = record
         self.last_use = True     # see BlockStatistics.pop
+        self.tokens = 0          # how many token rows reached this input (an expert's: those routed to it)
         self.records: list = []  # data-parallel: (need, contribution) per batch, replayed by `reduce`
         self._sq = SquaredNorms(columns, device) if "sq_norm" in needs else None
         self.moments = ChannelMoments(columns, device) if "moments" in needs else None
@@ -116,17 +126,23 @@ class LinearStats:
         return None if self._sq is None else self._sq.value
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, b: int | None = None) -> None:
+        """One batch: `x` its rows reaching this input; `b` its sequences (default: x's batch dimension)."""
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if self.record:
+            self.records.append(("tokens", rows))
+        else:
+            self.tokens += rows
         for need, acc in (("sq_norm", self._sq), ("moments", self.moments)):
             if acc is None:
                 continue
-            part = acc.contribution(x)
+            part = acc.contribution(x, b)
             if self.record:
                 self.records.append((need, tuple(v.cpu() if torch.is_tensor(v) else v for v in part)))
             else:
                 acc.accumulate(*part)
         if self.hessian is not None:
-            self.hessian.add(x)
+            self.hessian.add(x, b)
 
     def finite(self) -> bool:
         values = [self.sq_norm]
@@ -138,71 +154,168 @@ class LinearStats:
 
     def replay(self, records: list) -> None:
         for need, part in records:
+            if need == "tokens":
+                self.tokens += part
+                continue
             acc = self._sq if need == "sq_norm" else self.moments
             dev = acc.mean.device if need == "moments" else acc.value.device
             acc.accumulate(*(v.to(dev) if torch.is_tensor(v) else v for v in part))
 
 
+_LINEAR_FUNCS = (F.linear, torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul)
+
+
+class _ExpertCalls(TorchFunctionMode):
+    """Active while an experts module runs its (eager) forward: every matmul whose weight is one expert's slice
+    of a 3-D parameter is reported with its input rows, the tokens the model's own router sent there."""
+
+    def __init__(self, owner: "BlockStatistics", targets: dict):
+        super().__init__()
+        self.owner, self.targets = owner, targets  # id(parameter) -> Target
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR_FUNCS:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+            base = getattr(w, "_base", None)
+            target = self.targets.get(id(base)) if base is not None else None
+            if target is not None:
+                expert = (w.storage_offset() - base.storage_offset()) // base.stride(0)
+                if (func is F.linear) == target.transposed:
+                    raise StreamPruneError(f"{target.name}: the experts module computes with the expert matrices "
+                                           f"in an orientation streamprune does not expect; not supported")
+                self.owner._expert_rows(target, expert, x)
+        return func(*args, **kwargs)
+
+
 class BlockStatistics:
-    """Pre-hooks on every nn.Linear of a block while the block runs its dense pass; a context manager.
+    """Hooks on every pruning target of a block while the block runs its dense pass; a context manager.
 
-    Linears that are called with the very same input tensor (q/k/v, gate/up) share one LinearStats once the
-    first forward has shown it: the same values, computed (and held, for Hessians) once."""
+    Linears: forward pre-hooks; linears called with the very same input tensor (q/k/v, gate/up) share one
+    LinearStats once the first forward has shown it. Experts: the experts module runs its eager forward under
+    `_ExpertCalls`, and each expert's matrices get the statistics of the rows routed to it (an expert no token of a
+    batch reached still counts that batch's sequences). Keys: (target name, expert or None).
 
-    def __init__(self, block: nn.Module, needs: frozenset, record: bool = False, stop_early: bool = True):
-        self.linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        self.stats = {n: LinearStats(needs, m.in_features, m.weight.device, record) for n, m in self.linears.items()}
-        self.stop_early = stop_early
-        self._first: list | None = []     # (name, module, input) per call during the first forward
-        self._followers: set[str] = set()  # linears whose statistics are another's (same input)
-        self._last: nn.Module | None = None
-        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+    `force` ({experts module name: [expert, ...]}) instead routes every token to the given experts, through the
+    module's own code, and stops the block right after: the statistics an expert would have if all tokens went
+    to it (the fallback for experts the calibration data barely reached)."""
 
-    def _hook(self, name: str):
+    def __init__(self, block: nn.Module, needs: frozenset, record: bool = False, stop_early: bool = True,
+                 force: dict | None = None):
+        from .model import experts_modules, targets
+
+        self.targets = targets(block)
+        self.stats: dict = {}
+        for t in self.targets:
+            dev = t.weight.device
+            for e in ([None] if t.experts is None else range(t.experts)):
+                self.stats[(t.name, e)] = LinearStats(needs, t.in_features, dev, record)
+        self.stop_early, self.force, self.batch = stop_early, force or {}, None
+        self._first: list | None = []     # (unit, input) per call during the first forward
+        self._followers: set = set()       # linear targets whose statistics are another's (same input)
+        self._last = None
+        self.handles = []
+        for t in self.targets:
+            if t.experts is None:
+                self.handles.append(t.module.register_forward_pre_hook(self._linear_hook(t)))
+        experts = experts_modules(block)
+        for name, mod in experts.items():
+            mine = {id(t.weight): t for t in self.targets if t.module is mod}
+            self.handles.append(mod.register_forward_pre_hook(self._experts_enter(name, mine), with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._experts_exit(name, mine), with_kwargs=True))
+
+    # ------------------------------------------------------------------ hooks
+
+    def _linear_hook(self, t):
+        key = (t.name, None)
+
         def hook(module, args):
             x = args[0]
-            if name not in self._followers:
-                self.stats[name].add(x)
-            if self._first is not None:
-                self._first.append((name, module, x))
-            elif module is self._last:
-                raise StopForward
+            if key not in self._followers:
+                self.stats[key].add(x)
+            self._called(module, x)
         return hook
+
+    def _experts_enter(self, name: str, mine: dict):
+        def hook(module, args, kwargs):
+            self._hit = set()
+            module._streamprune_mode = _ExpertCalls(self, mine)
+            module._streamprune_mode.__enter__()
+            if name in self.force:
+                return _forced_routing(args, kwargs, self.force[name])
+        return hook
+
+    def _experts_exit(self, name: str, mine: dict):
+        def hook(module, args, kwargs, output):
+            module._streamprune_mode.__exit__(None, None, None)
+            del module._streamprune_mode
+            for t in mine.values():  # experts this batch did not reach still count its sequences
+                for e in range(t.experts):
+                    if (t.name, e) not in self._hit:
+                        width = t.in_features
+                        self.stats[(t.name, e)].add(args[0].new_zeros(0, width), self._batch())
+            if self.force:
+                raise StopForward
+            self._called(module, None)
+        return hook
+
+    def _expert_rows(self, target, expert: int, x: torch.Tensor) -> None:
+        key = (target.name, expert)
+        self._hit.add(key)
+        self.stats[key].add(x.reshape(-1, x.shape[-1]), self._batch())
+
+    def _batch(self) -> int:
+        if self.batch is None:
+            raise StreamPruneError("internal: the batch size of an experts forward is unknown")
+        return self.batch
+
+    def _called(self, unit, x) -> None:
+        if self._first is not None:
+            self._first.append((unit, x))
+        elif unit is self._last:
+            raise StopForward
 
     def forward_done(self) -> None:
         """After a forward that ran to the end. The first one fixes which linears share statistics and which
-        linear ends later passes early; only when every linear ran exactly once (a block that calls one twice
-        is left alone: no sharing, run to the end every time)."""
+        unit (a linear, or an experts module) ends later passes early; only when every unit ran exactly once (a
+        block that calls one twice is left alone: no sharing, run to the end every time)."""
         if self._first is None:
             return
         calls, self._first = self._first, None
-        names = [n for n, _, _ in calls]
-        if len(names) != len(self.linears) or len(set(names)) != len(names):
+        units = [u for u, _ in calls]
+        expected = {id(t.module) for t in self.targets}
+        if len(units) != len(expected) or len({id(u) for u in units}) != len(units):
             return
+        names = {id(t.module): t.name for t in self.targets if t.experts is None}
         leaders: dict = {}
-        for name, _, x in calls:  # the inputs are still referenced here, so their ids are distinct
-            leader = leaders.setdefault((id(x), x._version), name)
-            if leader != name:
-                self.stats[name] = self.stats[leader]  # its own first contribution was the same: dropped
-                self._followers.add(name)
+        for unit, x in calls:  # the inputs are still referenced here, so their ids are distinct
+            if x is None:
+                continue
+            leader = leaders.setdefault((id(x), x._version), names[id(unit)])
+            if leader != names[id(unit)]:
+                self.stats[(names[id(unit)], None)] = self.stats[(leader, None)]  # same values: its own dropped
+                self._followers.add((names[id(unit)], None))
         if self.stop_early:
-            self._last = calls[-1][1]
+            self._last = units[-1]
+
+    # ------------------------------------------------------------------ results
 
     def unique(self) -> dict:
-        """name -> statistics, one name per distinct LinearStats (the first linear of a sharing group)."""
+        """key -> statistics, one key per distinct LinearStats (the first target of a sharing group)."""
         out: dict = {}
-        for n, st in self.stats.items():
-            out.setdefault(id(st), (n, st))
+        for k, st in self.stats.items():
+            out.setdefault(id(st), (k, st))
         return dict(out.values())
 
     def reduce(self, dist) -> None:
         """Data-parallel: replay every rank's recorded batches in rank (= global batch) order; sum Hessians."""
         unique = self.unique()
-        gathered = dist.gather({n: st.records for n, st in unique.items()})
-        for n, st in unique.items():
+        gathered = dist.gather({k: st.records for k, st in unique.items()})
+        for k, st in unique.items():
             st.records = []
             for records in gathered:
-                st.replay(records[n])
+                st.replay(records[k])
             if st.hessian is not None:
                 hs = st.hessian
                 count = hs.nsamples
@@ -211,9 +324,9 @@ class BlockStatistics:
                 hs.nsamples = sum(dist.gather(count))
                 hs.H /= hs.nsamples
 
-    def pop(self, name: str) -> LinearStats:
-        """One linear's statistics, handed over; `last_use` says no other linear still needs them."""
-        st = self.stats.pop(name)
+    def pop(self, key) -> LinearStats:
+        """One target's statistics, handed over; `last_use` says no other target still needs them."""
+        st = self.stats.pop(key)
         st.last_use = not any(other is st for other in self.stats.values())
         return st
 
@@ -226,3 +339,19 @@ class BlockStatistics:
         self.handles = []
         self._first = None
         return False
+
+
+def _forced_routing(args: tuple, kwargs: dict, experts: list[int]):
+    """The experts module's call with every token routed to `experts` (weight 1 each): its routing index is
+    the integer [tokens, k] tensor among the arguments, its weights the float one of the same shape."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+    index = torch.tensor(experts, device=hidden.device).expand(tokens, len(experts))
+
+    def swap(v):
+        if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == tokens and v is not hidden:
+            if not v.is_floating_point():
+                return index.to(v.dtype)
+            return torch.ones(tokens, len(experts), dtype=v.dtype, device=v.device)
+        return v
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}

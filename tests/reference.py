@@ -134,3 +134,82 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
             W[mask] = 0
             masks[names[lin] + ".weight"] = mask
     return masks
+
+
+# ------------------------------------------------------------------------------------------ Mixture of Experts
+
+def _experts_modules(layer):
+    return [m for m in layer.modules() if any(p.dim() == 3 for p in m.parameters(recurse=False))]
+
+
+def _gates(layer) -> set:
+    """Linears that gate a MoE block with one score per expert or one scalar: routing, never pruned."""
+    out = set()
+    for mod in layer.modules():
+        experts = [c for c in mod.children() if c in _experts_modules(layer)]
+        if experts:
+            count = next(p.shape[0] for p in experts[0].parameters(recurse=False) if p.dim() == 3)
+            out |= {c for c in mod.children() if isinstance(c, nn.Linear) and c.out_features in (count, 1)}
+    return out
+
+
+def _expert_matmul(experts, weight, e, x, bias=None):
+    y = x @ weight[e] if experts.is_transposed else torch.nn.functional.linear(x, weight[e])
+    return y + bias[e] if bias is not None else y
+
+
+@torch.no_grad()
+def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0) -> dict:
+    """Wanda, the rule of issue 11 written out on transformers' own model (eager experts, batch 1): every linear
+    of a block except routing gates as usual; each expert's matrices with the statistics of the rows the model's
+    router sends it (the gate/up input: those tokens' hidden states; the down input: the expert's own gated
+    activations of them), a sequence that sends it no token still counting. Returns {name: mask}."""
+    masks, names = {}, {mod: name for name, mod in model.named_modules()}
+    for layer in decoder_layers(model):
+        gates = _gates(layer)
+        linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear) and mod not in gates]
+        scalers = {lin: _Scaler(lin) for lin in linears}
+        experts_mods = _experts_modules(layer)
+        per_expert = {}  # (module, parameter name, e) -> [s, n]
+        for ex in experts_mods:
+            for pname, p in ex.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    width = p.shape[1] if ex.is_transposed else p.shape[2]
+                    for e in range(p.shape[0]):
+                        per_expert[(ex, pname, e)] = [torch.zeros(width), 0]
+
+        def experts_hook(ex, args, kwargs):
+            h, idx = args[0], args[1] if len(args) > 1 else kwargs.get("router_indices", kwargs.get("top_k_index"))
+            gu, down = ex.gate_up_proj, ex.down_proj
+            gu_b, down_b = getattr(ex, "gate_up_proj_bias", None), getattr(ex, "down_proj_bias", None)
+            for e in range(gu.shape[0]):
+                x = h[(idx == e).any(-1)]
+                inner = ex._apply_gate(_expert_matmul(ex, gu, e, x, gu_b))
+                for pname, rows in (("gate_up_proj", x), ("down_proj", inner)):
+                    acc = per_expert[(ex, pname, e)]
+                    acc[0] *= acc[1] / (acc[1] + 1)
+                    acc[1] += 1
+                    acc[0] += torch.norm(rows.t().float(), p=2, dim=1) ** 2 / acc[1]
+
+        handles = [lin.register_forward_hook(scalers[lin]) for lin in linears]
+        handles += [ex.register_forward_pre_hook(experts_hook, with_kwargs=True) for ex in experts_mods]
+        handles.append(layer.register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop())))
+        for s in range(ids.shape[0]):
+            try:
+                model(input_ids=ids[s:s + 1], use_cache=False)
+            except _Stop:
+                pass
+        for h in handles:
+            h.remove()
+        for lin in linears:
+            W = lin.weight.data
+            mask = _mask(W.float().abs() * torch.sqrt(scalers[lin].s.reshape(1, -1)), sparsity, n, m)
+            W[mask] = 0
+            masks[names[lin] + ".weight"] = mask
+        for (ex, pname, e), (s, _) in per_expert.items():
+            p = getattr(ex, pname).data
+            W = p[e].t() if ex.is_transposed else p[e]
+            mask = _mask(W.float().abs() * torch.sqrt(s.reshape(1, -1)), sparsity, n, m)
+            W[mask] = 0
+            masks[f"{names[ex]}.{pname}[{e}]"] = mask
+    return masks

@@ -169,14 +169,18 @@ def test_quantized_layout_without_config_is_named(suffix, what, model, ids_file,
     expect_error(model, tmp_path / "out", "--calib", ids_file, match=what)
 
 
-def test_moe_checkpoint_saved_per_expert_is_named(tmp_path, ids_file):
+def test_moe_experts_without_a_conversion_rule_are_named(tmp_path, ids_file):
+    """Experts stored one by one under names transformers' conversion mapping does not know: named as such."""
     from transformers import Qwen3MoeConfig
 
     cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                          num_experts_per_tok=2, max_position_embeddings=128, head_dim=16)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "moe")
-    expect_error(tmp_path / "moe", tmp_path / "out", "--calib", ids_file, match="one tensor per expert")
+    shard = tmp_path / "moe" / "model.safetensors"
+    t = load_file(shard)
+    save_file({k.replace(".gate_proj.", ".w_in."): v for k, v in t.items()}, shard, metadata={"format": "pt"})
+    expect_error(tmp_path / "moe", tmp_path / "out", "--calib", ids_file, match="experts are stored one by one")
 
 
 def test_nan_weight_is_refused_naming_block_and_tensor(model, ids_file, tmp_path):

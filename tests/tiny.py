@@ -101,3 +101,70 @@ def real_text() -> str:
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+def quantize_fp8(src: Path, dst: Path, block=(32, 32)) -> Path:
+    """A block-scaled FP8 twin of a checkpoint, as DeepSeek-V3 and the Qwen3 FP8 releases store theirs: every
+    2-D weight inside the decoder blocks as float8_e4m3fn codes plus a float32 `weight_scale_inv` per tile
+    (amax / 448), everything else as it was, and `quantization_config` in config.json."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic",
+                                  "fmt": "e4m3"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(dst / shard)
+        out = {}
+        for name, t in tensors.items():
+            if ".layers." in name and name.endswith(".weight") and t.dim() == 2:
+                rows, cols = t.shape
+                r, c = -(-rows // block[0]), -(-cols // block[1])
+                padded = torch.zeros(r * block[0], c * block[1])
+                padded[:rows, :cols] = t.float()
+                tiles = padded.reshape(r, block[0], c, block[1]).abs().amax(dim=(1, 3))
+                scale = (tiles / 448.0).clamp_min(1e-12)
+                full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+                out[name] = (t.float() / full).to(torch.float8_e4m3fn)
+                out[name + "_scale_inv"] = scale.float()
+                index["weight_map"][name + "_scale_inv"] = shard
+            else:
+                out[name] = t
+        save_file(out, dst / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    return dst
+
+
+def dequantized_twin(src: Path, dst: Path) -> Path:
+    """The FP8 checkpoint's weights as float32 (codes x scale), without quantization_config."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    block = cfg.pop("quantization_config")["weight_block_size"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(dst / shard)
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith("_scale_inv"):
+                index["weight_map"].pop(name)
+                continue
+            if t.dtype == torch.float8_e4m3fn:
+                s = tensors[name + "_scale_inv"]
+                rows, cols = t.shape
+                full = s.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+                t = t.float() * full
+            out[name] = t
+        save_file(out, dst / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    return dst
