@@ -52,9 +52,15 @@ def test_fp8_round_trip(structure, fp8, ids_file, tmp_path):
     assert agree / total >= 0.9999, (agree, total)
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
     assert abs(size(tmp_path / "out") - size(q)) < 4096  # the same size (headers aside)
-    # loads where the input loads: transformers' FP8 loader, dequantizing on the CPU
+
+
+def test_fp8_output_loads_where_the_input_loads(tiny_models, ids_file, tmp_path):
+    """transformers' FP8 loader (dequantizing on the CPU) needs dims that are multiples of the tile: a hidden size
+    of 64 here, where it loads the input."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
+    q = quantize_fp8(tiny_models("llama", dtype=torch.bfloat16, realistic=False), tmp_path / "fp8")
+    streamprune.prune(q, tmp_path / "out", calib=str(ids_file), nsamples=8, seqlen=32, progress=False)
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, quantization_config=FineGrainedFP8Config(  # noqa: E731
         dequantize=True, weight_block_size=[32, 32])).state_dict()
     a, b = load(q), load(tmp_path / "out")
