@@ -39,22 +39,30 @@ class BlockShape:
 
 
 def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
-    block = blocks[0]
-    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
-    largest = max(linears, key=lambda m: (m.weight.numel(), m.in_features))
+    """The shape of the largest block (DeepSeek-V3's first blocks are dense, the rest Mixture-of-Experts): its
+    parameters, its largest matrix (a linear, or one expert's), the widest output of a linear or an expert, and
+    the inputs statistics are gathered for (experts: one per expert and matrix)."""
+    from .model import targets
     from .spec import text_config
 
+    block = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    found = targets(block)
+    shapes = [(t.weight.shape[1:] if not t.transposed else t.weight.shape[1:][::-1]) if t.experts else
+              t.weight.shape for t in found]
+    largest = max(shapes, key=lambda s: (s[0] * s[1], s[1]))
     text = text_config(config)
     heads = getattr(text, "num_attention_heads", 1)
+    linears = [t.module for t in found if t.experts is None]
+    experts = tuple(t.in_features for t in found if t.experts for _ in range(t.experts))
     return BlockShape(
         params=sum(p.numel() for p in block.parameters()),
-        largest_linear=(largest.out_features, largest.in_features),
+        largest_linear=(int(largest[0]), int(largest[1])),
         hidden=text.hidden_size,
-        intermediate=max(m.out_features for m in linears),
+        intermediate=max(int(s[0]) for s in shapes),
         heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", heads) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        stat_inputs=_distinct_inputs(block, linears),
+        stat_inputs=_distinct_inputs(block, linears) + experts,
     )
 
 
@@ -63,7 +71,7 @@ def _distinct_inputs(block: nn.Module, linears: list) -> tuple:
     width (q/k/v in attention, gate/up in the MLP), as BlockStatistics shares them; the rest one each."""
     groups: dict = {}
     for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear):
+        if any(mod is lin for lin in linears):
             groups.setdefault((name.rsplit(".", 1)[0], mod.in_features), []).append(name)
     return tuple(width for (_, width), names in groups.items() for _ in ([None] if len(names) > 1 else names))
 
@@ -142,7 +150,12 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         peak_host = PROCESS_BASE + io_blocks + (2 * act if tier == "cpu" else 0)
         fits = (gpu_free is None or peak_gpu <= gpu_free) and peak_host <= host_free
         if gpu_free is not None and peak_gpu > gpu_free:
-            reason = "one block and its forward do not fit the GPU; lower --seqlen or --batch-size"
+            alone = CUDA_CONTEXT + GPU_SLACK * (block_compute + hessians + workspace)
+            reason = ("one block and its forward do not fit the GPU; lower --seqlen or --batch-size"
+                      if alone <= gpu_free else
+                      f"one block is larger than the GPU ({block_compute / GiB:.1f} GiB in the compute dtype"
+                      + (f", {hessians / GiB:.1f} GiB of Hessians" if hessians else "") + "): streaming a block's "
+                      "experts in groups is not built yet; prune it on a larger card or on the CPU")
     else:
         # one I/O thread (io.py): besides the block being computed, one block is in flight, the previous one being
         # written or the next one read ahead, never both. At the end of a block its outgoing checkpoint-dtype copy
@@ -232,6 +245,9 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     shape = block_shape(blocks, config)
     ckpt_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.bfloat16
     ckpt_dtype = getattr(torch, ckpt_dtype) if isinstance(ckpt_dtype, str) else ckpt_dtype
+    from .layout import fp8_block
+
+    stored = torch.float8_e4m3fn if fp8_block(config) else ckpt_dtype  # FP8 releases: one byte per block weight
     device = device or ("cuda" if gpu_memory is not None else "cpu")
     requested = parse_dtype(dtype)
     compute = compute_dtype(requested, ckpt_dtype, torch.device(device))
@@ -240,10 +256,10 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     if index.is_file():
         ckpt_bytes = json.loads(index.read_text())["metadata"]["total_size"]
     else:
-        ckpt_bytes = sum(p.numel() for p in blocks.parameters()) * itemsize(ckpt_dtype) + \
+        ckpt_bytes = sum(p.numel() for p in blocks.parameters()) * itemsize(stored) + \
             2 * text.vocab_size * text.hidden_size * itemsize(ckpt_dtype)
     host = parse_size(host_memory) or psutil.virtual_memory().available
-    common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(ckpt_dtype),
+    common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(stored),
                   compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
                   needs_activations=method_named(method).needs_data, snapshot=snapshot, ranks=ranks,
                   needs=method_named(method).needs)
@@ -255,7 +271,7 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
         cards[f"{gb}GB"] = {"tier": p.tier, "peak_gpu_bytes": p.peak_gpu_bytes, "peak_host_bytes": p.peak_host_bytes,
                             "fits": p.fits}
     return {"model": str(model_dir), "blocks": len(blocks), "block_params": shape.params,
-            "largest_linear": list(shape.largest_linear), "hidden": shape.hidden, "checkpoint_dtype": str(ckpt_dtype)[6:],
+            "largest_linear": list(shape.largest_linear), "hidden": shape.hidden, "checkpoint_dtype": str(stored)[6:],
             "compute_dtype": str(compute)[6:], "device": device, "nsamples": nsamples, "seqlen": seqlen,
             "batch_size": batch_size, "ranks": ranks, "checkpoint_bytes": ckpt_bytes, "host_memory": host,
             "gpu_memory": parse_size(gpu_memory), "plan": main.as_dict(), "cards": cards}

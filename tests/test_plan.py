@@ -108,3 +108,30 @@ def test_readme_plan_figures(config_dir):
                  f"about {r70['peak_host_bytes'] / GiB:.1f} GiB of host memory",
                  f"predicted peak GPU {r405['peak_gpu_bytes'] / GiB:.1f} GiB, host {r405['peak_host_bytes'] / GiB:.0f} GiB"):
         assert text in readme, text
+
+
+def test_moe_blocks_are_planned_with_their_experts(config_dir):
+    """Qwen3-30B-A3B: a block is its attention, its router and all 128 experts (every expert is pruned, so every
+    expert's matrix is in memory and has its own statistics)."""
+    r = plan_for(config_dir("qwen3-30b-a3b"), gpu_memory="24GB", host_memory="64GB", method="sparsegpt")
+    h, e, i, q, kv = 2048, 128, 768, 32 * 128, 4 * 128
+    attention = h * q + 2 * h * kv + q * h + 2 * 128 + 2 * h   # q/k/v/o, q/k norms, the two layer norms
+    assert r["block_params"] == attention + e * h + e * 3 * h * i   # + the router and gate/up/down of each expert
+    assert r["largest_linear"] == [h, q] and r["plan"]["fits"]   # o_proj: of the same size, the widest input
+    # Hessians: q/k/v share one (2048), o_proj one (4096), each expert one for gate/up (2048) and one for down (768)
+    assert r["plan"]["statistics_bytes"] == (h * h + q * q + e * (h * h + i * i)) * 4
+
+
+def test_deepseek_v3_is_planned_from_its_largest_block_in_fp8(config_dir):
+    """DeepSeek-V3: the first three blocks are dense, the other 58 carry 256 experts; its release stores them in
+    FP8. The plan is the largest block's, at one byte per stored weight, and a 24 GB card is refused by name."""
+    r = plan_for(config_dir("deepseek-v3"), gpu_memory="24GB", host_memory="512GB")
+    assert r["blocks"] == 61 and r["checkpoint_dtype"] == "float8_e4m3fn" and r["compute_dtype"] == "bfloat16"
+    assert 11e9 < r["block_params"] < 12e9   # 256 x 3 x 7168 x 2048 expert weights and the shared expert
+    assert r["plan"]["block_bytes_checkpoint"] == r["block_params"]
+    assert not r["plan"]["fits"] and "one block is larger than the GPU" in r["plan"]["reason"]
+    assert not any(card["fits"] for card in r["cards"].values())
+    cpu = plan_for(config_dir("deepseek-v3"), host_memory="512GB")
+    assert cpu["plan"]["fits"] and cpu["plan"]["block_bytes_compute"] == 4 * r["block_params"]
+    res = CliRunner().invoke(main, ["plan", str(config_dir("deepseek-v3")), "--gpu-memory", "24GB"])
+    assert res.exit_code == 0 and "streaming a block's experts in groups is not built yet" in res.output
