@@ -1,4 +1,4 @@
-"""Sparsity of a checkpoint's decoder-block linears, streamed from its shards one tensor at a time."""
+"""Sparsity of a checkpoint's pruned weights (linears and experts), read from its shards one tensor at a time."""
 
 from __future__ import annotations
 
@@ -6,35 +6,44 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import StreamPruneError
-from .model import build_skeleton, find_blocks
+from .model import StreamedModel, targets
 from .shards import Checkpoint
 from .spec import ModelInfo
 
 CHUNK = 1 << 24  # elements compared at a time, so a huge weight never needs a same-sized bool tensor
 
 
-def _zeros(t: torch.Tensor) -> int:
-    flat = t.reshape(-1)
-    return sum(int((flat[k:k + CHUNK] == 0).sum()) for k in range(0, flat.numel(), CHUNK))
+def _zero(t: torch.Tensor) -> torch.Tensor:
+    """Where `t` is +0 or -0 (FP8 codes compared by their bits: eq is not defined for float8 on every device)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return (t.view(torch.uint8) & 0x7F) == 0
+    return t == 0
 
 
-def block_linear_weights(model_dir: Path) -> list[dict[str, str]]:
-    """Per decoder block, {linear name inside the block: checkpoint tensor name of its weight}."""
-    config = ModelInfo.load(model_dir).config
-    skeleton = build_skeleton(config)
-    prefix, blocks = find_blocks(skeleton, config)
-    return [{name: f"{prefix}.{i}.{name}.weight" for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-            for i, block in enumerate(blocks)]
+def matrix_zeros(t: torch.Tensor) -> tuple[int, bool]:
+    """Zeros of an [out, in] matrix, and whether every group of 4 along its input dimension holds at least 2
+    (2:4 sparsity as sparse kernels read it; False when the input width is not a multiple of 4)."""
+    zeros, nm = 0, t.shape[-1] % 4 == 0
+    rows = max(1, CHUNK // max(1, t.shape[-1]))
+    for k in range(0, t.shape[0], rows):
+        z = _zero(t[k:k + rows])
+        zeros += int(z.sum())
+        if nm:
+            nm = bool((z.reshape(-1, 4).sum(1) >= 2).all())
+    return zeros, nm
 
 
 def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> dict:
-    """Fraction of exact zeros per linear, per block and overall, of the 2-D block-linear weights in `out_dir`.
+    """Fraction of exact zeros of every pruned weight (each linear, and each Mixture-of-Experts parameter over all
+    its experts), per block and overall, read from the shards of `out_dir` through the checkpoint's own layout
+    (experts stored one by one or fused, FP8 codes).
 
-    Returns {"model", "blocks": [{"index", "sparsity", "linears": {name: sparsity}}], "overall"}; block and
-    overall figures are weighted by element count. With `png`, also draws a bar chart and heat map there.
+    Returns {"model", "blocks": [{"index", "sparsity", "linears": {name: sparsity}, "nm_2_4": {name: bool},
+    "experts": {name: [sparsity of each expert]}}], "overall"}; block and overall figures are weighted by element
+    count. `nm_2_4` says whether every matrix of the weight (every expert's) satisfies 2:4 along its input
+    dimension. With `png`, also draws a bar chart and heat map there.
     """
     out_dir = Path(out_dir)
     if png is not None:
@@ -42,19 +51,34 @@ def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
     if not out_dir.is_dir():
         raise StreamPruneError(f"{out_dir}: no such model directory")
     ckpt = Checkpoint(out_dir)
+    model = StreamedModel(ModelInfo.load(out_dir).config, ckpt, "cpu", torch.float32)
+    model.check()
     blocks, total_zeros, total = [], 0, 0
-    for i, weights in enumerate(block_linear_weights(out_dir)):
-        linears, zeros, numel = {}, 0, 0
-        for name, tensor in weights.items():
-            info = ckpt.tensors.get(tensor)
-            if info is None:
-                raise StreamPruneError(f"{out_dir}: tensor {tensor} is missing from the checkpoint")
-            if len(info.shape) != 2:
-                continue
-            z, n = _zeros(ckpt.read(tensor)), info.shape[0] * info.shape[1]
-            linears[name] = z / n
+    for i, block in enumerate(model.blocks):
+        entry = {"index": i, "sparsity": 0.0, "linears": {}, "nm_2_4": {}, "experts": {}}
+        zeros = numel = 0
+        for t in targets(block):
+            count = t.experts or 1
+            per = [[0, 0] for _ in range(count)]   # zeros and elements of each expert's matrix
+            nm = True
+            for piece in model.layout.pieces[model.block_prefix(i) + t.name]:
+                value = ckpt.read(piece.name)
+                mats = ([(piece.expert, value)] if piece.expert is not None or t.experts is None else
+                        list(enumerate(value)))   # a fused tensor: one matrix per expert along dim 0
+                for e, m in mats:
+                    z, ok = matrix_zeros(m.t() if t.transposed else m)   # [in, out] experts (gpt-oss) turned to [out, in]
+                    per[e or 0][0] += z
+                    per[e or 0][1] += m.numel()
+                    nm = nm and ok
+                del value
+            z, n = sum(p[0] for p in per), sum(p[1] for p in per)
+            entry["linears"][t.label] = z / n
+            entry["nm_2_4"][t.label] = nm
+            if t.experts:
+                entry["experts"][t.label] = [a / b for a, b in per]
             zeros, numel = zeros + z, numel + n
-        blocks.append({"index": i, "sparsity": zeros / numel if numel else 0.0, "linears": linears})
+        entry["sparsity"] = zeros / numel if numel else 0.0
+        blocks.append(entry)
         total_zeros, total = total_zeros + zeros, total + numel
     result = {"model": str(out_dir), "blocks": blocks, "overall": total_zeros / total if total else 0.0}
     if png is not None:
@@ -74,15 +98,21 @@ def _short(names: list[str]) -> list[str]:
 
 
 def format_report(d: dict) -> str:
-    """A table: one row per block (its sparsity, then each linear's), then the overall figure."""
+    """A table: one row per block (its sparsity, then each weight's), the experts' spread, how many weights are
+    2:4, then the overall figure."""
     names = _columns(d)
     headers = ["block", "all"] + _short(names)
     widths = [max(len(h), 6) for h in headers]
     rows = [[str(b["index"]), f"{b['sparsity']:.4f}"]
             + [f"{b['linears'][n]:.4f}" if n in b["linears"] else "-" for n in names] for b in d["blocks"]]
-    lines = [f"sparsity of decoder-block linears in {d['model']}",
+    lines = [f"sparsity of decoder-block weights in {d['model']}",
              "  ".join(h.rjust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    spread = [s for b in d["blocks"] for per in b.get("experts", {}).values() for s in per]
+    if spread:
+        lines.append(f"experts: {len(spread)} matrices, sparsity {min(spread):.4f} to {max(spread):.4f}")
+    flags = [ok for b in d["blocks"] for ok in b.get("nm_2_4", {}).values()]
+    lines.append(f"2:4 along the input dimension: {sum(flags)} of {len(flags)} weights")
     lines.append(f"overall {d['overall']:.4f}")
     return "\n".join(lines)
 

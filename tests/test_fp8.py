@@ -52,6 +52,11 @@ def test_fp8_round_trip(structure, fp8, ids_file, tmp_path):
     assert agree / total >= 0.9999, (agree, total)
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
     assert abs(size(tmp_path / "out") - size(q)) < 4096  # the same size (headers aside)
+    from streamprune.report import report
+
+    a, b = report(tmp_path / "out"), report(tmp_path / "twin-out")   # FP8 zeros read from the codes' bits
+    assert a["overall"] == pytest.approx(b["overall"], abs=1e-4) and a["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert [blk["nm_2_4"] for blk in a["blocks"]] == [blk["nm_2_4"] for blk in b["blocks"]]
 
 
 def test_fp8_output_loads_where_the_input_loads(tiny_models, ids_file, tmp_path):

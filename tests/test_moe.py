@@ -83,7 +83,21 @@ def check_against_reference(model_dir, out, calib, n=0, m=0, sparsity=0.5):
         if not any(k.startswith(name.split("[")[0].rsplit(".", 1)[0]) and k.endswith(name.split("[")[0].rsplit(".", 1)[-1])
                    for name in masks):
             assert torch.equal(sd[k], v), k
+    check_report(out, masks, n, m)
     return masks
+
+
+def check_report(out, masks, n, m):
+    """`report` reads every expert back through the output's layout: the reference's zeros per expert matrix."""
+    from streamprune.report import report
+
+    d = report(out)
+    for b in d["blocks"]:
+        for label, per in b["experts"].items():
+            want = [masks[f"model.layers.{b['index']}.{label}[{e}]"] for e in range(len(per))]
+            assert per == [float(w.float().mean()) for w in want], label
+            assert b["nm_2_4"][label] == ((n, m) == (2, 4))
+    assert sum(len(b["experts"]) for b in d["blocks"]) == len({k.split("[")[0] for k in masks if "[" in k})
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])

@@ -108,6 +108,12 @@ def test_readme_plan_figures(config_dir):
                  f"about {r70['peak_host_bytes'] / GiB:.1f} GiB of host memory",
                  f"predicted peak GPU {r405['peak_gpu_bytes'] / GiB:.1f} GiB, host {r405['peak_host_bytes'] / GiB:.0f} GiB"):
         assert text in readme, text
+    moe = {name: plan_for(config_dir(name), gpu_memory="24GB", host_memory="64GB")["plan"]["peak_gpu_bytes"] / GiB
+           for name in ("qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x22b", "gpt-oss-120b")}
+    assert (f"Qwen3-30B-A3B peaks at {moe['qwen3-30b-a3b']:.1f} GiB GPU, Qwen3-235B-A22B {moe['qwen3-235b-a22b']:.1f}, "
+            f"Mixtral-8x22B {moe['mixtral-8x22b']:.1f}, gpt-oss-120b {moe['gpt-oss-120b']:.1f}") in readme
+    ds = plan_for(config_dir("deepseek-v3"), gpu_memory="24GB", host_memory="64GB")["plan"]
+    assert f"one of its blocks is {ds['block_bytes_compute'] / GiB:.1f} GiB in bf16" in readme
 
 
 def test_moe_blocks_are_planned_with_their_experts(config_dir):

@@ -27,7 +27,8 @@ def test_every_linear_of_every_block_is_half_zero(pruned):
     for b in d["blocks"]:
         assert set(b["linears"]) == LINEARS
         assert all(s == 0.5 for s in b["linears"].values()), b
-        assert b["sparsity"] == 0.5
+        assert b["sparsity"] == 0.5 and b["experts"] == {}
+        assert all(b["nm_2_4"].values()) == (pruned.name == "2-4"), b["nm_2_4"]
     assert d["overall"] == 0.5
 
 
@@ -37,7 +38,8 @@ def test_dense_model_and_table(tiny_models):
     table = format_report(d)
     assert "q_proj" in table and "down_proj" in table
     assert table.splitlines()[-1] == "overall 0.0000"
-    assert len(table.splitlines()) == 2 + 3 + 1  # title, header, a row per block, overall
+    assert table.splitlines()[-2] == "2:4 along the input dimension: 0 of 21 weights"
+    assert len(table.splitlines()) == 2 + 3 + 2  # title, header, a row per block, 2:4, overall
 
 
 def test_png(pruned, tmp_path):
