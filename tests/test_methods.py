@@ -270,12 +270,12 @@ def test_block_statistics_hooks():
             block(x)
     assert type(stop.value).__name__ == "StopForward"
     flat = x.reshape(-1, 6)
-    st = stats.stats["0"]
+    st = stats.stats[("0.weight", None)]
     torch.testing.assert_close(st.hessian.H, 2 / 4 * flat.t() @ flat * 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st.moments.sum_mean, flat.sum(0) / 2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.sq_norm, (flat ** 2).sum(0) / 2, rtol=1e-5, atol=1e-6)
     hidden = torch.relu(flat @ block[0].weight.t() + block[0].bias)
-    torch.testing.assert_close(stats.stats["2"].sq_norm, (hidden ** 2).sum(0) / 2, rtol=1e-5, atol=1e-5)  # both passes counted
+    torch.testing.assert_close(stats.stats[("2.weight", None)].sq_norm, (hidden ** 2).sum(0) / 2, rtol=1e-5, atol=1e-5)  # both passes counted
     assert not block[0]._forward_pre_hooks  # removed on exit
 
 
