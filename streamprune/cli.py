@@ -56,7 +56,9 @@ def _print_summary(s: dict, as_json: bool) -> None:
         f"pruned {s['model']} -> {s['out']}",
         f"  method {s['method']} {s['structure']}, target sparsity {s['target_sparsity']}",
         f"  blocks {s['blocks_committed']}/{s['blocks']}, achieved sparsity {s['sparsity']:.4f} "
-        f"(worst block {worst.get('index')}: {worst.get('sparsity', 0):.4f})",
+        f"(worst block {worst.get('index')}: {worst.get('sparsity', 0):.4f})"
+        + (f"; MLP width {s['intermediate_size']['before']} -> {s['intermediate_size']['after']}"
+           if "intermediate_size" in s else ""),
         f"  device {s['device']} ({s['compute_dtype']}), activations {s['activations']}, "
         f"{s['nsamples']} x {s['seqlen']} calibration tokens",
         f"  wall time {s['wall_seconds']:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()) + ")",
@@ -67,8 +69,14 @@ def _print_summary(s: dict, as_json: bool) -> None:
 
 
 PRUNE_OPTIONS = [
-    click.option("--sparsity", type=float, default=0.5, show_default=True, help="Fraction of weights to zero (unstructured)."),
-    click.option("--structure", default="unstructured", show_default=True, help="'unstructured' or N:M, e.g. 2:4 or 4:8."),
+    click.option("--sparsity", type=float, default=0.5, show_default=True,
+                 help="Fraction of weights to zero (unstructured); with --structure width, of MLP channels to remove."),
+    click.option("--structure", default="unstructured", show_default=True,
+                 help="'unstructured', N:M (e.g. 2:4 or 4:8), or 'width': remove whole MLP channels (a smaller model)."),
+    click.option("--width-multiple", type=int, default=8, show_default=True,
+                 help="--structure width: channels kept per block, rounded to a multiple of this."),
+    click.option("--width-compensation/--no-width-compensation", default=True, show_default=True,
+                 help="--structure width: refit the down projection on the kept channels by least squares."),
     click.option("--method", default="wanda", show_default=True,
                  help="wanda; ria (relative importance); sparsegpt (mask + weight update); magnitude (no calibration)."),
     click.option("--refine", type=click.Choice(["dsnot"]), default=None, help="Refine the wanda/ria mask with DSnoT."),

@@ -27,7 +27,8 @@ from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
 from .spec import PruneOptions, PruneSpec
 from .state import BlockRecord, JobDir, damaged, fingerprint, open_job, stored_options, verify_committed
-from .writer import copy_side_files, shard_name, write_index, write_shard
+from .width import shrink_config
+from .writer import copy_side_files, shard_name, write_atomic, write_index, write_shard
 
 BACKGROUND_PHASES = ("read_block", "write")  # on the I/O thread, overlapping other blocks' main-thread phases
 
@@ -262,11 +263,15 @@ class PruneJob:
         """Side files, then the index (last: an OUT with an index is complete), then the state says complete."""
         spec, model, n = self.spec, self.model, self.n_blocks
         copy_side_files(spec.model.path, spec.out, self.obs.event)
+        if spec.structure.width:  # the stock architecture with fewer MLP channels
+            write_atomic(spec.out / "config.json", shrink_config(spec.model.path / "config.json",
+                                                                 spec.pruner.intermediate, spec.pruner.keep))
         weight_map = {tensor: name for name, group in self.copies.items() for tensor in group}
         for i in range(n):
             weight_map.update({tensor: self.block_files[i] for tensor in model.block_names(i)})
         self.obs.event("publish")
-        write_index(spec.out, weight_map, sum(self.ckpt.tensors[t].nbytes for t in weight_map), self.obs.event)
+        written = Checkpoint(spec.out, shard_names=sorted(set(weight_map.values())))  # headers only
+        write_index(spec.out, weight_map, sum(t.nbytes for t in written.tensors.values()), self.obs.event)
         self.state.snapshot = None
         self.state.complete = True
         self.jobdir.save(self.state, self.obs.event)
@@ -295,6 +300,8 @@ def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
         "experts_fallback": sum(b.fallback for b in state.blocks.values()),  # see BlockLoop.fallback
         "block_seconds": [state.blocks[k].phase_seconds for k in sorted(sp)],
     }
+    if spec.structure.width:  # sparsity above: the fraction of the MLP weights removed
+        out["intermediate_size"] = {"before": spec.pruner.intermediate, "after": spec.pruner.keep}
     out.update(mon.report())
     if job.plan is not None:
         out["plan"] = job.plan.as_dict()

@@ -41,6 +41,18 @@ class BlockResult:
         return zeros / numel if numel else 0.0
 
 
+def check_pruned(w: torch.Tensor, mask: torch.Tensor, structure, where: str) -> None:
+    """The guarantees edge exports rely on, checked on the weight as it goes to the writer: every pruned entry is
+    +0.0, and with N:M every group of M consecutive inputs of every row holds at least N zeros."""
+    if bool((mask & ((w != 0) | torch.signbit(w))).any()):
+        raise StreamPruneError(f"internal: {where}: a pruned entry is not +0.0")
+    if structure.is_nm:
+        zeros = (w == 0).reshape(w.shape[0], -1, structure.m).sum(-1)
+        if bool((zeros < structure.n).any()):
+            raise StreamPruneError(f"internal: {where}: a group of {structure.m} inputs holds fewer than "
+                                   f"{structure.n} zeros")
+
+
 class BlockLoop:
     def __init__(self, pruner, structure, runtime, observer, device: torch.device, dtype: torch.dtype,
                  row_chunk: int = 0, expert_min_tokens: int = 0):
@@ -116,6 +128,8 @@ class BlockLoop:
     def prune_block(self, i: int, block: nn.Module, acts, sparsity: float, want_masks: set) -> BlockResult:
         """Prune every target of block i in place (each expert's matrix on its own); `want_masks` names the
         parameters whose masks to return."""
+        if self.structure.width:
+            return self._prune_width(i, block, acts, sparsity)
         stats = None
         result = BlockResult({}, sparsity, {}, set())
         if self.pruner.needs_data:
@@ -135,6 +149,8 @@ class BlockLoop:
                         w.copy_(pruned.weight)
                         result.recomputed.add(t.name)
                     w.masked_fill_(pruned.mask, 0)
+                    w.add_(0.0)  # -0.0 + 0.0 = +0.0: no negative zero anywhere (some sparse kernels misread it)
+                    check_pruned(w, pruned.mask, self.structure, f"block {i} {t.label}" + ("" if e is None else f" expert {e}"))
                     zeros, numel = zeros + int(pruned.mask.count_nonzero()), numel + pruned.mask.numel()
                     if full is not None:
                         t.matrix(full, e).copy_(pruned.mask)
@@ -147,6 +163,24 @@ class BlockLoop:
         del stats
         result.experts = sum(next(p for p in m.parameters(recurse=False) if p.dim() == 3).shape[0]
                              for m in experts_modules(block).values())
+        if self.pruner.needs_data:
+            with self.obs.phase("propagate", self.device):
+                self.forward_all(block, i, acts, "propagate")
+        return result
+
+    @torch.no_grad()
+    def _prune_width(self, i: int, block: nn.Module, acts, ratio: float) -> BlockResult:
+        """`--structure width`: the MLP's channels removed (width.py), statistics from the dense pass as above."""
+        stats = None
+        if self.pruner.needs_data:
+            with self.obs.phase("statistics", self.device):
+                stats = self.statistics(block, i, acts, self.pruner.needs_of(block), "statistics", outputs=False)
+        with self.obs.phase("prune", self.device):
+            linears = self.pruner.prune_block(block, stats, i)
+        del stats
+        trim()
+        result = BlockResult(linears, ratio, {}, {f"{name}.weight" for name in linears} | {
+            f"{name}.bias" for name in linears if block.get_submodule(name).bias is not None})
         if self.pruner.needs_data:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")

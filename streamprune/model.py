@@ -408,7 +408,11 @@ class StreamedModel:
                 if want != got:
                     raise StreamPruneError(f"{self.ckpt.path}: tensor {p.name} has shape {list(got)}, the config "
                                            f"implies {list(want)}")
-        if structure is not None:
+        if structure is not None and structure.width:
+            from .width import check_model
+
+            check_model(self.blocks, self.config)
+        elif structure is not None:
             for block in self.blocks:
                 for t in targets(block):
                     check_prunable(t.in_features, structure)

@@ -117,7 +117,7 @@ def forward_transient(shape: BlockShape, seqlen: int, batch: int, itemsize: int,
 def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt_itemsize: int,
               compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None, host_free: int,
               checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True, ranks: int = 1,
-              needs: frozenset = frozenset({"sq_norm"})) -> Plan:
+              needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None) -> Plan:
     """Predict the peaks of one rank. `gpu_free`/`host_free` are what the job may use (after any cap)."""
     local = -(-nsamples // ranks)
     block_ckpt = shape.params * ckpt_itemsize
@@ -130,7 +130,9 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
     # int64 copy of the mask that counting it with mask.sum() makes (whichever is larger; they are not live together)
     workspace = max(chunk * in_f * BYTES_PER_METRIC_ELEMENT, MASK_COUNT_BYTES * out_f * in_f) + out_f * in_f
     # statistics held through the dense pass and the prune phase: Hessians (in^2 float32 per distinct input)
-    hessians = sum(n * n * 4 for n in shape.stat_inputs) if "hessian" in needs else 0
+    # (`hessian_inputs` when the pruner says which: structured width's one down-projection input)
+    widths = shape.stat_inputs if hessian_inputs is None else hessian_inputs
+    hessians = sum(n * n * 4 for n in widths) if "hessian" in needs else 0
     io_blocks = 2 * block_ckpt  # on the host at the end of a block: the next one (read ahead) and its outgoing copy
     micro = 2 * batch * seqlen * shape.hidden * compute_itemsize  # a micro-batch in and out on the device
 
@@ -194,7 +196,8 @@ def plan_job(spec, blocks, ckpt) -> Plan:
                      device_type=spec.device.type, tier=o.activations, gpu_free=gpu_free,
                      host_free=psutil.virtual_memory().available,
                      checkpoint_bytes=sum(t.nbytes for t in ckpt.tensors.values()), needs_activations=spec.needs_data,
-                     snapshot=o.snapshot_every > 0, needs=spec.pruner.needs)
+                     snapshot=o.snapshot_every > 0, needs=spec.pruner.needs,
+                     hessian_inputs=spec.pruner.hessian_widths() if spec.structure.width else None)
 
 
 def check_disk(plan: Plan, out, written: int) -> None:

@@ -127,10 +127,13 @@ class PruneOptions:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     expert_min_tokens: int = 16         # experts reached by fewer calibration tokens use all tokens' statistics
+    width_multiple: int = 8             # --structure width: channels kept per block, a multiple of this
+    width_compensation: bool = True     # --structure width: refit the down projection by least squares
 
     # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
     RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
-                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens")
+                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens",
+                   "width_multiple", "width_compensation")
 
     @classmethod
     def from_dict(cls, options: dict) -> "PruneOptions":
@@ -168,6 +171,18 @@ class PruneOptions:
             raise StreamPruneError("--snapshot-every must be 0 (never) or more")
         if self.expert_min_tokens < 0:
             raise StreamPruneError("--expert-min-tokens must be 0 or more")
+        if self.width_multiple < 1:
+            raise StreamPruneError("--width-multiple must be at least 1")
+        if structure.width:
+            if self.method not in ("wanda", "magnitude"):
+                raise StreamPruneError(f"--structure width scores channels with wanda's statistics (or magnitude, "
+                                       f"without data), not --method {self.method}")
+            if self.refine or self.sparsity_profile != "uniform":
+                raise StreamPruneError("--structure width keeps the same channels in every block (a stock config): "
+                                       "no --refine, no --sparsity-profile")
+            if self.method == "magnitude" and self.width_compensation:
+                raise StreamPruneError("--structure width --method magnitude has no calibration data to compensate "
+                                       "with: add --no-width-compensation, or use --method wanda")
         from .units import parse_size
 
         parse_size(self.gpu_memory_limit)
@@ -209,11 +224,37 @@ class PruneSpec:
             seqlen = info.seqlen(options.seqlen)  # a bad --seqlen is reported before the missing --calib
             raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE")
         seqlen = info.seqlen(options.seqlen)
+        dtype = compute_dtype(parse_dtype(options.dtype), ckpt_dtype, device)
+        if structure.width:
+            pruner = width_pruner(info, options, dtype, ckpt_dtype)
         return cls(model=info, out=out, options=replace(options, seqlen=seqlen), device=device,
-                   dtype=compute_dtype(parse_dtype(options.dtype), ckpt_dtype, device), checkpoint_dtype=ckpt_dtype,
+                   dtype=dtype, checkpoint_dtype=ckpt_dtype,
                    structure=structure, pruner=pruner,
                    profile=profile_named(options.sparsity_profile, options.owl_lambda, options.owl_m),
                    gpu_limit=parse_size(options.gpu_memory_limit))
+
+
+def width_pruner(info: ModelInfo, options: PruneOptions, dtype: torch.dtype, ckpt_dtype: torch.dtype):
+    """`--structure width`: the channel count every block keeps, from the config (shapes are checked against the
+    model's modules later, in StreamedModel.check)."""
+    from .layout import fp8_block
+    from .model import exact_cast
+    from .width import WidthPruner, kept_channels
+
+    if fp8_block(info.config):
+        raise StreamPruneError("--structure width on an FP8 checkpoint is not built (its scale tiles would no longer "
+                               "line up with the remaining channels)")
+    if not exact_cast(ckpt_dtype, dtype):
+        raise StreamPruneError(f"--structure width writes the kept weights from the compute dtype: --dtype "
+                               f"{str(dtype)[6:]} cannot hold the {str(ckpt_dtype)[6:]} checkpoint exactly; use "
+                               f"--dtype float32")
+    intermediate = getattr(info.text, "intermediate_size", None)
+    if not isinstance(intermediate, int):
+        raise StreamPruneError(f"--structure width needs one integer intermediate_size in the config (found "
+                               f"{intermediate!r})")
+    keep = kept_channels(intermediate, options.sparsity, options.width_multiple)
+    return WidthPruner(intermediate, keep, needs_data=options.method != "magnitude",
+                       compensate=options.width_compensation)
 
 
 def check_paths(model_dir: Path, out: Path, inputs: tuple = ()) -> None:

@@ -113,7 +113,7 @@ class LinearStats:
     """The statistics of one linear's input that the pruner asked for."""
 
     def __init__(self, needs: frozenset, columns: int, device, record: bool):
-        self.record = record
+        self.record, self.needs = record, needs
         self.last_use = True     # see BlockStatistics.pop
         self.tokens = 0          # how many token rows reached this input (an expert's: those routed to it)
         self.records: list = []  # data-parallel: (need, contribution) per batch, replayed by `reduce`
@@ -201,8 +201,10 @@ class BlockStatistics:
     module's own code, and stops the block right after: the statistics an expert would have if all tokens went
     to it (the fallback for experts the calibration data barely reached)."""
 
-    def __init__(self, block: nn.Module, needs: frozenset, record: bool = False, stop_early: bool = True,
+    def __init__(self, block: nn.Module, needs, record: bool = False, stop_early: bool = True,
                  force: dict | None = None):
+        """`needs`: the statistics every target needs, or a function of the target (structured width needs a
+        Hessian of the down projection's input only)."""
         from .model import experts_modules, targets
 
         self.targets = targets(block)
@@ -210,7 +212,8 @@ class BlockStatistics:
         for t in self.targets:
             dev = t.weight.device
             for e in ([None] if t.experts is None else range(t.experts)):
-                self.stats[(t.name, e)] = LinearStats(needs, t.in_features, dev, record)
+                self.stats[(t.name, e)] = LinearStats(needs(t) if callable(needs) else needs, t.in_features, dev,
+                                                      record)
         self.stop_early, self.force, self.batch = stop_early, force or {}, None
         self._first: list | None = []     # (unit, input) per call during the first forward
         self._followers: set = set()       # linear targets whose statistics are another's (same input)
@@ -293,7 +296,7 @@ class BlockStatistics:
             if x is None:
                 continue
             leader = leaders.setdefault((id(x), x._version), names[id(unit)])
-            if leader != names[id(unit)]:
+            if leader != names[id(unit)] and self.stats[(leader, None)].needs == self.stats[(names[id(unit)], None)].needs:
                 self.stats[(names[id(unit)], None)] = self.stats[(leader, None)]  # same values: its own dropped
                 self._followers.add((names[id(unit)], None))
         if self.stop_early:

@@ -213,3 +213,55 @@ def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int 
             W[mask] = 0
             masks[f"{names[ex]}.{pname}[{e}]"] = mask
     return masks
+
+
+# ------------------------------------------------------------------------------------------ structured width
+
+def _mlp_linears(layer):
+    """(producers as (linear, copies), consumer) of a stock MLP: gate/up (or Phi-3's fused gate_up) and down."""
+    mlp = layer.mlp
+    if hasattr(mlp, "gate_up_proj"):
+        return [(mlp.gate_up_proj, 2)], mlp.down_proj
+    return [(mlp.gate_proj, 1), (mlp.up_proj, 1)], mlp.down_proj
+
+
+@torch.no_grad()
+def reference_width(model, ids: torch.Tensor, ratio: float, multiple: int = 8, compensate: bool = True,
+                    damp: float = 0.01):
+    """Shrink every MLP of `model` in place to the same number of channels (README, --structure width).
+
+    Channel j's score: sum_i |W_down[i, j]| x ||x_j|| (x: down's input over the calibration tokens, through the
+    already shrunk blocks before it; Wanda's float32 scaler); the highest `keep` stay (ties: the lower index).
+    Compensation solves the documented ridge problem directly in float64 with least squares:
+    min ||X W^T - X_S W'^T||^2 + lam ||W' - W_S||^2, lam = damp x mean(diag(X_S^T X_S))."""
+    layers = decoder_layers(model)
+    inter = model.config.get_text_config().intermediate_size
+    keep = round(inter * (1 - ratio) / multiple) * multiple
+    for layer in layers:
+        producers, down = _mlp_linears(layer)
+        rows, scaler = [], _Scaler(down)
+        hooks = lambda lin: [scaler, lambda m, a, o: rows.append(a[0].reshape(-1, inter).double())] \
+            if lin is down else []
+        _collect(model, layer, ids, hooks)
+        W = down.weight.data
+        score = W.float().abs().sum(0) * torch.sqrt(scaler.s)
+        kept = torch.sort(torch.sort(-score, stable=True).indices[:keep]).values
+        if compensate:
+            X = torch.cat(rows)
+            Xs = X[:, kept]
+            lam = damp * (Xs * Xs).sum(0).mean()
+            A = torch.cat([Xs, lam.sqrt() * torch.eye(keep, dtype=torch.float64)])
+            B = torch.cat([X @ W.double().t(), lam.sqrt() * W.double()[:, kept].t()])
+            new = torch.linalg.lstsq(A, B).solution.t()
+        else:
+            new = W[:, kept]
+        for lin, copies in producers:
+            sel = torch.cat([kept + c * inter for c in range(copies)])
+            lin.weight = nn.Parameter(lin.weight.data[sel].clone())
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.data[sel].clone())
+            lin.out_features = lin.weight.shape[0]
+        down.weight = nn.Parameter(new.to(W.dtype).contiguous())
+        down.in_features = keep
+    model.config.get_text_config().intermediate_size = keep
+    return model

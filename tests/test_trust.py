@@ -427,3 +427,41 @@ def test_snapshot_named_by_status_exists(point, six, tmp_path):
     st = json.loads(cli("status", out, "--json").stdout)
     assert st["snapshot_after_block"] is not None
     assert (out / ".streamprune" / f"activations-after-block-{st['snapshot_after_block']:05d}.bin").is_file()
+
+
+# ------------------------------------------------------------------------------------------ edge guarantees
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_pruned_entries_are_positive_zero(structure, tiny_models, ids_file, tmp_path, copy_model):
+    """Negative zeros in the input (and sign-preserving updates such as SparseGPT's) never reach a pruned
+    matrix: every zero written is +0.0, and 2:4 runs along the input dimension."""
+    model = copy_model(tiny_models("llama"))
+    index = json.loads((model / INDEX).read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = model / index[name]
+    src = load_file(shard)
+    src[name] = torch.where(torch.arange(src[name].numel()).view_as(src[name]) % 5 != 0, -0.0, src[name])
+    save_file(src, shard, metadata={"format": "pt"})
+    for method in ("wanda", "sparsegpt"):
+        out = tmp_path / method
+        run(model, out, ids_file, method=method, structure=structure)
+        for k, w in tensors(out).items():
+            if k.endswith("proj.weight"):
+                assert not bool((torch.signbit(w) & (w == 0)).any()), (method, k)
+                if structure == "2:4":
+                    assert bool(((w == 0).view(w.shape[0], -1, 4).sum(-1) >= 2).all()), (method, k)
+
+
+def test_check_pruned_refuses_negative_zero_and_short_groups():
+    from streamprune.errors import StreamPruneError
+    from streamprune.loop import check_pruned
+    from streamprune.methods.base import Structure
+
+    w = torch.tensor([[0.0, 1.0, 2.0, 0.0]])
+    mask = torch.tensor([[True, False, False, True]])
+    check_pruned(w, mask, Structure(2, 4), "x")
+    with pytest.raises(StreamPruneError, match="not \\+0.0"):
+        check_pruned(torch.tensor([[-0.0, 1.0, 2.0, 0.0]]), mask, Structure(), "x")
+    with pytest.raises(StreamPruneError, match="fewer than 2 zeros"):
+        check_pruned(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.tensor([[True, False, False, False]]),
+                     Structure(2, 4), "x")

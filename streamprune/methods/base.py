@@ -22,18 +22,22 @@ from ..errors import StreamPruneError
 
 @dataclass(frozen=True)
 class Structure:
-    """Unstructured (n = m = 0, `sparsity` applies) or N:M (n of every m consecutive inputs zeroed)."""
+    """Unstructured (n = m = 0, `sparsity` applies), N:M (n of every m consecutive inputs zeroed), or width
+    (whole MLP channels removed: width.py)."""
     n: int = 0
     m: int = 0
+    width: bool = False
 
     @classmethod
     def parse(cls, text: str | None) -> "Structure":
         if text in (None, "", "unstructured"):
             return cls()
+        if text == "width":
+            return cls(width=True)
         try:
             n, m = (int(x) for x in text.split(":"))
         except ValueError:
-            raise StreamPruneError(f"--structure {text!r}: expected 'unstructured' or N:M such as 2:4") from None
+            raise StreamPruneError(f"--structure {text!r}: expected 'unstructured', 'width' or N:M such as 2:4") from None
         if not 0 < n < m:
             raise StreamPruneError(f"--structure {text}: N:M needs 0 < N < M (N weights zeroed in every M)")
         return cls(n, m)
@@ -43,7 +47,7 @@ class Structure:
         return self.m > 0
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        return f"{self.n}:{self.m}" if self.is_nm else "width" if self.width else "unstructured"
 
 
 def check_prunable(in_features: int, structure: Structure) -> None:
