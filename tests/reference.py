@@ -227,13 +227,14 @@ def _mlp_linears(layer):
 
 @torch.no_grad()
 def reference_width(model, ids: torch.Tensor, ratio: float, multiple: int = 8, compensate: bool = True,
-                    damp: float = 0.01):
+                    damp: float = 0.01, damp_per_ratio: float = 0.3):
     """Shrink every MLP of `model` in place to the same number of channels (README, --structure width).
 
     Channel j's score: sum_i |W_down[i, j]| x ||x_j|| (x: down's input over the calibration tokens, through the
     already shrunk blocks before it; Wanda's float32 scaler); the highest `keep` stay (ties: the lower index).
     Compensation solves the documented ridge problem directly in float64 with least squares:
-    min ||X W^T - X_S W'^T||^2 + lam ||W' - W_S||^2, lam = damp x mean(diag(X_S^T X_S))."""
+    min ||X W^T - X_S W'^T||^2 + lam ||W' - W_S||^2, lam = max(damp, damp_per_ratio x keep / tokens) x
+    mean(diag(X_S^T X_S))."""
     layers = decoder_layers(model)
     inter = model.config.get_text_config().intermediate_size
     keep = round(inter * (1 - ratio) / multiple) * multiple
@@ -249,7 +250,7 @@ def reference_width(model, ids: torch.Tensor, ratio: float, multiple: int = 8, c
         if compensate:
             X = torch.cat(rows)
             Xs = X[:, kept]
-            lam = damp * (Xs * Xs).sum(0).mean()
+            lam = max(damp, damp_per_ratio * keep / X.shape[0]) * (Xs * Xs).sum(0).mean()
             A = torch.cat([Xs, lam.sqrt() * torch.eye(keep, dtype=torch.float64)])
             B = torch.cat([X @ W.double().t(), lam.sqrt() * W.double()[:, kept].t()])
             new = torch.linalg.lstsq(A, B).solution.t()
