@@ -12,6 +12,7 @@ from its summary. Run it alone on the machine:
 
     python benchmarks/edge.py                 # ~15 min on 2 cores; writes results/edge.json and prints a table
     python benchmarks/edge.py --rounds 5      # more decode rounds
+    python benchmarks/edge.py --nsamples 128 --seqlen 512 --no-speed --out benchmarks/results/edge-128x512.json
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def decode_speed(dirs: dict, rounds: int, prompt) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows (the issue's protocol: 16)")
+    ap.add_argument("--seqlen", type=int, default=256, help="calibration window length (the issue's protocol: 256)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode timing (it does not depend on "
+                    "the calibration)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "edge.json")
     args = ap.parse_args()
 
@@ -91,7 +96,8 @@ def main() -> None:
     model = build_smollm2()
     work = Path(tempfile.mkdtemp(prefix="streamprune-edge-"))
     cfg = json.loads((model / "config.json").read_text())
-    calib = calibration_windows(str(WIKITEXT / "valid.txt"), model, 16, 256, 0, cfg["vocab_size"])
+    calib = calibration_windows(str(WIKITEXT / "valid.txt"), model, args.nsamples, args.seqlen, 0,
+                                cfg["vocab_size"])
     calib_file = work / "calib.jsonl"
     calib_file.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in calib.tolist()))
 
@@ -102,7 +108,7 @@ def main() -> None:
         if opts is not None:
             d = work / name.replace(" ", "_").replace(",", "").replace("%", "")
             cmd = [sys.executable, "-m", "streamprune", "prune", str(model), str(d), "--calib", str(calib_file),
-                   "--nsamples", "16", "--seqlen", "256", "--json", "--no-progress", *opts]
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--json", "--no-progress", *opts]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 sys.exit(f"{name}: {res.stderr}")
@@ -119,21 +125,23 @@ def main() -> None:
 
     prompt = make_windows(read_token_stream(WIKITEXT / "test.txt", model), 32, 1, "test")[:1]
     timed = {n: dirs[n] for n in MODELS if "no compensation" not in n}
-    speed = decode_speed(timed, args.rounds, prompt)
+    speed = {n: None for n in timed} if args.no_speed else decode_speed(timed, args.rounds, prompt)
     for n in results:
         results[n]["decode_tokens_per_s"] = speed[n if n in speed else n.replace(", no compensation", "")]
 
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
-                cpus=torch.get_num_threads(), torch=torch.__version__, rounds=args.rounds)
+                cpus=torch.get_num_threads(), torch=torch.__version__, rounds=args.rounds,
+                calibration=f"{args.nsamples} x {args.seqlen}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     dense = results["dense"]
     print("\n| model | MLP width | parameters | file | perplexity | decode tokens/s | vs dense |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for n, r in results.items():
+        speed = r["decode_tokens_per_s"]
+        timing = "- | -" if args.no_speed else f"{speed:.1f} | {speed / dense['decode_tokens_per_s'] - 1:+.0%}"
         print(f"| {n} | {r.get('intermediate_size') or cfg['intermediate_size']} | {r['params'] / 1e6:.1f} M | "
-              f"{r['bytes'] / 2**20:.0f} MiB | {r['ppl']:.2f} | {r['decode_tokens_per_s']:.1f} | "
-              f"{r['decode_tokens_per_s'] / dense['decode_tokens_per_s'] - 1:+.0%} |")
+              f"{r['bytes'] / 2**20:.0f} MiB | {r['ppl']:.2f} | {timing} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from .model import all_finite, block_output, experts_modules, targets
 from .statistics import BlockStatistics, StopForward
 
 
-TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
+TRIM_ELEMENTS = 1 << 20
+CHECK_ELEMENTS = 1 << 22  # check_pruned's chunk: a few 4 MB temporaries  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
 
 
 class Stopped(Exception):
@@ -43,14 +44,18 @@ class BlockResult:
 
 def check_pruned(w: torch.Tensor, mask: torch.Tensor, structure, where: str) -> None:
     """The guarantees edge exports rely on, checked on the weight as it goes to the writer: every pruned entry is
-    +0.0, and with N:M every group of M consecutive inputs of every row holds at least N zeros."""
-    if bool((mask & ((w != 0) | torch.signbit(w))).any()):
-        raise StreamPruneError(f"internal: {where}: a pruned entry is not +0.0")
-    if structure.is_nm:
-        zeros = (w == 0).reshape(w.shape[0], -1, structure.m).sum(-1)
-        if bool((zeros < structure.n).any()):
-            raise StreamPruneError(f"internal: {where}: a group of {structure.m} inputs holds fewer than "
-                                   f"{structure.n} zeros")
+    +0.0, and with N:M every group of M consecutive inputs of every row holds at least N zeros. In row chunks of
+    at most CHECK_ELEMENTS entries: its temporaries stay small beside the block."""
+    rows = max(1, CHECK_ELEMENTS // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], rows):
+        wc, mc = w[r:r + rows], mask[r:r + rows]
+        if bool((mc & ((wc != 0) | torch.signbit(wc))).any()):
+            raise StreamPruneError(f"internal: {where}: a pruned entry is not +0.0")
+        if structure.is_nm:
+            zeros = (wc == 0).reshape(wc.shape[0], -1, structure.m).sum(-1)
+            if bool((zeros < structure.n).any()):
+                raise StreamPruneError(f"internal: {where}: a group of {structure.m} inputs holds fewer than "
+                                       f"{structure.n} zeros")
 
 
 class BlockLoop:
