@@ -18,8 +18,8 @@ from .model import all_finite, block_output, experts_modules, targets
 from .statistics import BlockStatistics, StopForward
 
 
-TRIM_ELEMENTS = 1 << 20
-CHECK_ELEMENTS = 1 << 22  # check_pruned's chunk: a few 4 MB temporaries  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
+TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
+CHECK_ELEMENTS = 1 << 22  # check_pruned's chunk: a few 4 MB temporaries
 
 
 class Stopped(Exception):
@@ -155,7 +155,8 @@ class BlockLoop:
                         result.recomputed.add(t.name)
                     w.masked_fill_(pruned.mask, 0)
                     w.add_(0.0)  # -0.0 + 0.0 = +0.0: no negative zero anywhere (some sparse kernels misread it)
-                    check_pruned(w, pruned.mask, self.structure, f"block {i} {t.label}" + ("" if e is None else f" expert {e}"))
+                    check_pruned(w, pruned.mask, self.structure,
+                                 f"block {i} {t.label}" + ("" if e is None else f" expert {e}"))
                     zeros, numel = zeros + int(pruned.mask.count_nonzero()), numel + pruned.mask.numel()
                     if full is not None:
                         t.matrix(full, e).copy_(pruned.mask)

@@ -17,8 +17,9 @@ from .units import GiB, parse_size
 
 WORKSPACE_BYTES = 512 * 1024 ** 2   # target transient of the metric + sort of one row chunk
 # the selection of one row chunk (methods.base.select): the float32 metric, topk's values and int64 indices for up to
-# a whole row, one comparison; measured 14.2 bytes per element at 50% on a 4096 x 11008 matrix (mask included)
-BYTES_PER_METRIC_ELEMENT = 4 + 12 + 1
+# a whole row, one comparison; measured 14.2 bytes per element at 50% on a 4096 x 11008 matrix (mask included),
+# rounded up (17 before overstated a 1536 x 6144 prune's peak by 15%: tests/test_plan.py)
+BYTES_PER_METRIC_ELEMENT = 15
 HOST_HEADROOM = 0.85  # fraction of available host memory the activation cache may take
 
 

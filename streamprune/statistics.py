@@ -296,9 +296,10 @@ class BlockStatistics:
             if x is None:
                 continue
             leader = leaders.setdefault((id(x), x._version), names[id(unit)])
-            if leader != names[id(unit)] and self.stats[(leader, None)].needs == self.stats[(names[id(unit)], None)].needs:
-                self.stats[(names[id(unit)], None)] = self.stats[(leader, None)]  # same values: its own dropped
-                self._followers.add((names[id(unit)], None))
+            key = (names[id(unit)], None)
+            if leader != key[0] and self.stats[(leader, None)].needs == self.stats[key].needs:
+                self.stats[key] = self.stats[(leader, None)]  # same values: its own dropped
+                self._followers.add(key)
         if self.stop_early:
             self._last = units[-1]
 

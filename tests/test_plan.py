@@ -81,7 +81,9 @@ def prune_json(model, out, calib):
 @pytest.mark.slow
 def test_prune_uses_the_plan_and_its_block_terms_are_right(tmp_path):
     """The tier comes from the plan, and what the plan adds per byte of block is what the process uses: the
-    difference between two model widths (the interpreter's constant cancels) within 15% of the predicted one."""
+    difference between two model widths (the interpreter's constant cancels) within 15% of the predicted one.
+    The plan is the peak when the phases that can coincide do (the I/O thread's read-ahead with the prune
+    workspace); a single run hits it or not, by 10-20 MB here, so each width's peak is the higher of two runs."""
     from tiny import make_checkpoint, write_ids
 
     calib = write_ids(tmp_path / "ids.jsonl", 4, 64, vocab=512)
@@ -90,7 +92,8 @@ def test_prune_uses_the_plan_and_its_block_terms_are_right(tmp_path):
         model = make_checkpoint(tmp_path / f"m{hidden}", "llama", num_hidden_layers=2, hidden_size=hidden,
                                 intermediate_size=4 * hidden, num_attention_heads=12, num_key_value_heads=4,
                                 vocab_size=512, dtype=torch.bfloat16, shard_size="500MB")
-        runs[hidden] = prune_json(model, tmp_path / f"out{hidden}", calib)
+        two = [prune_json(model, tmp_path / f"out{hidden}-{k}", calib) for k in range(2)]
+        runs[hidden] = max(two, key=lambda r: r["peak_rss_bytes"])
         assert runs[hidden]["activations"] == runs[hidden]["plan"]["tier"] == "cpu"
     predicted = runs[1536]["plan"]["peak_host_bytes"] - runs[768]["plan"]["peak_host_bytes"]
     measured = runs[1536]["peak_rss_bytes"] - runs[768]["peak_rss_bytes"]
