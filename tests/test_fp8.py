@@ -4,18 +4,9 @@ every scale bit for bit the input's."""
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import streamprune
-from tiny import dequantized_twin, quantize_fp8
-
-
-def tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+from tiny import dequantized_twin, quantize_fp8, tensors
 
 
 @pytest.fixture(scope="module")

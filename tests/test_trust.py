@@ -12,28 +12,15 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import streamprune
 from reference import reference_prune
 from test_bad_input import INDEX, cli, expect_error, tree
-from tiny import FAMILIES, make_config, write_ids
+from tiny import FAMILIES, ids_of, make_config, tensors, write_ids
 
 ARGS = ["--nsamples", "8", "--seqlen", "32", "--no-progress"]
-
-
-def ids_of(path):
-    return torch.tensor([json.loads(line)["input_ids"] for line in open(path)])
-
-
-def tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def published(out):

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -18,21 +17,9 @@ from reference import reference_width
 from test_bad_input import INDEX, cli, expect_error
 from test_moe import make_moe
 from test_resume import published
-from tiny import write_ids
+from tiny import ids_of, tensors, write_ids
 
 ARGS = dict(nsamples=8, seqlen=32, progress=False)
-
-
-def ids_of(path):
-    return torch.tensor([json.loads(line)["input_ids"] for line in open(path)])
-
-
-def tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def load(out):

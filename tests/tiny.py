@@ -96,6 +96,22 @@ def write_windows(path: Path, ids: torch.Tensor) -> Path:
     return Path(path)
 
 
+def tensors(d: Path) -> dict:
+    """Every tensor of the safetensors files in directory `d`, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def ids_of(path: Path) -> torch.Tensor:
+    """The windows of a JSONL calibration file of input_ids."""
+    return torch.tensor([json.loads(line)["input_ids"] for line in open(path)])
+
+
 def real_text() -> str:
     """About 460 kB of English prose that every Python installation carries (the interpreter's help topics)."""
     import pydoc_data.topics
