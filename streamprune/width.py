@@ -187,13 +187,11 @@ def probe_check(mlp: MLP, block: nn.Module, kept: torch.Tensor, removed: torch.T
 
 
 def shrink_config(path: Path, intermediate: int, keep: int) -> bytes:
-    """config.json with `intermediate_size` (top level, or in a nested text config) set to `keep`."""
+    """config.json with the text model's `intermediate_size` (top level, or `text_config`'s) set to `keep`; other
+    nested configs (a vision tower's) are left alone even where their value happens to be the same."""
     raw = json.loads(Path(path).read_text())
-    found = 0
-    for d in [raw] + [v for v in raw.values() if isinstance(v, dict)]:
-        if d.get("intermediate_size") == intermediate:
-            d["intermediate_size"] = keep
-            found += 1
-    if not found:
+    text = raw if "intermediate_size" in raw else raw.get("text_config")
+    if not isinstance(text, dict) or text.get("intermediate_size") != intermediate:
         raise StreamPruneError(f"{path}: no intermediate_size {intermediate} to update")
+    text["intermediate_size"] = keep
     return (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()

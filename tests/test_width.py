@@ -200,3 +200,21 @@ def test_mixture_of_experts_is_refused(tmp_path):
     calib = write_ids(tmp_path / "ids.jsonl", 4, 16)
     expect_error(model, tmp_path / "out", "--calib", calib, "--nsamples", "4", "--seqlen", "16", "--structure",
                  "width", match="Mixture-of-Experts")
+
+
+def test_shrunk_config_changes_the_text_model_only(tmp_path):
+    from streamprune.errors import StreamPruneError
+    from streamprune.width import shrink_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"text_config": {"intermediate_size": 160, "hidden_size": 80},
+                                "vision_config": {"intermediate_size": 160}}))
+    out = json.loads(shrink_config(path, 160, 120))
+    assert out == {"text_config": {"intermediate_size": 120, "hidden_size": 80},
+                   "vision_config": {"intermediate_size": 160}}
+    path.write_text(json.dumps({"intermediate_size": 160, "vision_config": {"intermediate_size": 160}}))
+    assert json.loads(shrink_config(path, 160, 120)) == {"intermediate_size": 120,
+                                                         "vision_config": {"intermediate_size": 160}}
+    with pytest.raises(StreamPruneError, match="no intermediate_size 160"):
+        path.write_text(json.dumps({"intermediate_size": 128}))
+        shrink_config(path, 160, 120)
