@@ -129,11 +129,16 @@ class PruneOptions:
     expert_min_tokens: int = 16         # experts reached by fewer calibration tokens use all tokens' statistics
     width_multiple: int = 8             # --structure width: channels kept per block, a multiple of this
     width_compensation: bool = True     # --structure width: refit the down projection by least squares
+    admm_iters: int = 20                # --method admm: ADMM iterations per linear
+    admm_gradual: int = 15              # --method admm: the first iterations that re-choose the mask (cubic schedule)
+    admm_rho: float = 1.0               # --method admm: the penalty (in the normalised coordinates, diag H = 1)
+    admm_damp: float = 0.1              # --method admm: damping toward the dense weight (times mean diag H = 1)
 
     # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
     RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
                    "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens",
-                   "width_multiple", "width_compensation")
+                   "width_multiple", "width_compensation",
+                   "admm_iters", "admm_gradual", "admm_rho", "admm_damp")
 
     @classmethod
     def from_dict(cls, options: dict) -> "PruneOptions":
@@ -151,7 +156,7 @@ class PruneOptions:
         if not 0 < self.sparsity < 1:
             raise StreamPruneError(f"--sparsity {self.sparsity}: must be strictly between 0 and 1")
         structure = Structure.parse(self.structure)
-        method = method_named(self.method)
+        method = method_named(self.method, self)
         if self.refine is not None and self.refine not in REFINES:
             raise StreamPruneError(f"--refine {self.refine!r}: the only refinement is {', '.join(REFINES)}")
         if self.refine and not method.refinable:
@@ -219,7 +224,7 @@ class PruneSpec:
         info = ModelInfo.load(model_dir)
         ckpt_dtype = Checkpoint(model_dir).dtype
         structure = Structure.parse(options.structure)
-        pruner = Pruner(method_named(options.method), REFINES[options.refine]() if options.refine else None)
+        pruner = Pruner(method_named(options.method, options), REFINES[options.refine]() if options.refine else None)
         if pruner.needs_data and not options.calib:
             seqlen = info.seqlen(options.seqlen)  # a bad --seqlen is reported before the missing --calib
             raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE")

@@ -84,6 +84,7 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
     """Prune `model` in place; return {parameter name: bool mask of zeroed weights}."""
     from streamprune.methods.dsnot import dsnot_refine
     from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities
+    from streamprune.methods.admm import admm_prune
     from streamprune.methods.sparsegpt import sparsegpt_prune
     from streamprune.methods import Structure
     from streamprune.statistics import ChannelMoments, HessianStats
@@ -108,7 +109,7 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
             out = [scalers.setdefault(lin, _Scaler(lin))]
             if refine == "dsnot":
                 out.append(_hook(moments.setdefault(lin, ChannelMoments(lin.in_features))))
-            if method == "sparsegpt":
+            if method in ("sparsegpt", "admm"):
                 out.append(_hook(hessians.setdefault(lin, HessianStats(lin.in_features))))
             return out
 
@@ -127,6 +128,9 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
                 mask = _mask(_ria_score(W, scalers[lin].s), target, n, m)
             elif method == "sparsegpt":
                 new, mask = sparsegpt_prune(W, hessians[lin].H, target, Structure(n, m))
+                W.copy_(new)
+            elif method == "admm":
+                new, mask = admm_prune(W, hessians[lin].H, target, Structure(n, m))
                 W.copy_(new)
             if refine == "dsnot":
                 mom = moments[lin]

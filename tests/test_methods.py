@@ -13,6 +13,7 @@ from streamprune.methods import RIA, Structure, Wanda, select
 from streamprune.methods.dsnot import dsnot_refine
 from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities
 from streamprune.methods.ria import column_abs_sum, ria_rows
+from streamprune.methods.admm import ADMM, admm_prune, schedule
 from streamprune.methods.sparsegpt import sparsegpt_prune
 from streamprune.statistics import BlockStatistics, ChannelMoments, HessianStats
 
@@ -356,6 +357,117 @@ def test_sparsegpt_dead_columns_and_dtype():
     assert new.dtype == torch.float16 and bool((new[:, 3] == 0).all()) and bool(mask[:, 3].all())
     with pytest.raises(StreamPruneError):
         sparsegpt_prune(w, hs.H, 0.5, Structure(2, 4), blocksize=6)
+
+
+# ------------------------------------------------------------------------------------------------ ADMM
+
+def _admm_by_hand(w, H, sparsity, n, m, iters, gradual, rho, damp):
+    """ADMM-Grad as the paper writes it, in float64 with explicit inverses: normalise by d = sqrt(diag H),
+    A = Hn + damp I, then per iteration mask from |W + U| (per row, sorted by value then index; N:M: only the N
+    smallest of each group are candidates), Z = masked W + U, U += W - Z, W = (A + rho I)^-1 (A W0 + rho (Z - U))
+    in column form; the result is Z / d."""
+    H = H.double()
+    d = torch.diag(H).sqrt()
+    Hn = H / d[:, None] / d[None, :]
+    A = Hn + damp * torch.eye(H.shape[0], dtype=torch.float64)
+    inv = torch.linalg.inv(A + rho * torch.eye(H.shape[0], dtype=torch.float64))
+    W0 = (w.double() * d).t()                     # [in, out]: one column per output row
+    XY = A @ W0
+    W, U = W0.clone(), torch.zeros_like(W0)
+    rows, cols = w.shape
+    target = n / m if m else sparsity
+    for t in range(1, iters + 1):
+        if t <= gradual:
+            cur = target * (1 - (1 - t / gradual) ** 3)
+            k = int(cols * cur)
+            mask = torch.zeros(rows, cols, dtype=torch.bool)
+            V = (W + U).t().abs()
+            for r in range(rows):
+                cand = range(cols)
+                if m:
+                    cand = [g + j for g in range(0, cols, m)
+                            for j in sorted(range(m), key=lambda j: (float(V[r, g + j]), j))[:n]]
+                for j in sorted(cand, key=lambda j: (float(V[r, j]), j))[:k]:
+                    mask[r, j] = True
+        Z = (W + U) * ~mask.t()
+        U = U + W - Z
+        W = inv @ (XY + rho * (Z - U))
+    Z = (W + U) * ~mask.t()
+    return (Z.t() / d), mask
+
+
+@pytest.mark.parametrize("structure,sparsity", [(Structure(), 0.5), (Structure(), 0.7), (Structure(2, 4), 0.5)])
+def test_admm_matches_the_papers_iteration(structure, sparsity):
+    x, H = _calib(91, 24)
+    w = torch.randn(6, 24, generator=_gen(92))
+    new, mask = admm_prune(w, H, sparsity, structure, iters=12, gradual=8, rho=0.7, damp=0.1)
+    want_w, want_mask = _admm_by_hand(w, H, sparsity, structure.n, structure.m, 12, 8, 0.7, 0.1)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(new.double(), want_w, rtol=1e-4, atol=1e-4)
+
+
+def test_admm_converges_to_the_least_squares_weights_on_its_mask():
+    """With the mask fixed (gradual=1: Wanda's mask) and no damping, ADMM's fixed point is the exact constrained
+    least-squares solution per row: w_S = w0_S + H_SS^-1 H_SR w0_R, w_R = 0, solved directly in float64."""
+    x, H = _calib(93, 32, tokens=512)
+    w = torch.randn(8, 32, generator=_gen(94))
+    new, mask = admm_prune(w, H, 0.5, Structure(), iters=1500, gradual=1, rho=1.0, damp=0.0)
+    Hd, want = H.double(), torch.zeros(8, 32, dtype=torch.float64)
+    for r in range(8):
+        S, R = (~mask[r]).nonzero().squeeze(1), mask[r].nonzero().squeeze(1)
+        want[r, S] = w[r, S].double() + torch.linalg.solve(Hd[S][:, S], Hd[S][:, R] @ w[r, R].double())
+    torch.testing.assert_close(new.double(), want, rtol=1e-4, atol=1e-4)
+    # gradual=1 prunes at once with Wanda's metric: |W| * sqrt(diag H) per row
+    assert torch.equal(mask, select(w.abs() * torch.diag(H).sqrt(), 0.5, Structure()))
+
+
+@pytest.mark.parametrize("structure,sparsity", [(Structure(), 0.5), (Structure(), 0.7), (Structure(2, 4), 0.5),
+                                                (Structure(4, 8), 0.5)])
+def test_admm_objective_not_above_sparsegpt(structure, sparsity):
+    """The layer-wise objective ||W X - W' X||^2 on the same statistic: ADMM (defaults) <= SparseGPT."""
+    g = _gen(95)
+    x = (torch.randn(1024, 64, generator=g) @ (torch.eye(64) + 0.5 * torch.randn(64, 64, generator=g))) \
+        * (0.2 + 3 * torch.rand(64, generator=g))  # correlated inputs, channels of very different scale
+    hs = HessianStats(64)
+    hs.add(x.unsqueeze(0))
+    w = torch.randn(32, 64, generator=g)
+
+    def err(v):
+        return float(((x @ (w - v).t()) ** 2).sum())
+
+    new, mask = admm_prune(w, hs.H, sparsity, structure)
+    ref, _ = sparsegpt_prune(w, hs.H, sparsity, structure)
+    assert err(new) <= err(ref)
+    assert bool((new[mask] == 0).all()) and not bool(torch.signbit(new[mask]).any())
+    if structure.is_nm:
+        assert _nm_ok(mask, structure.n, structure.m)
+    else:
+        assert bool((mask.sum(1) == int(64 * sparsity)).all())
+
+
+def test_admm_row_chunks_dead_columns_h_and_dtype():
+    x, _ = _calib(96, 16)
+    x[:, 5] = 0
+    hs = HessianStats(16)
+    hs.add(x.unsqueeze(0))
+    w = torch.randn(9, 16, generator=_gen(97)).half()
+    H0 = hs.H.clone()
+    new, mask = admm_prune(w, hs.H, 0.5, Structure(2, 4))
+    assert torch.equal(hs.H, H0)                    # the caller's H is untouched unless overwrite_H
+    assert new.dtype == torch.float16 and bool((new[:, 5] == 0).all())
+    chunked, cmask = admm_prune(w, hs.H, 0.5, Structure(2, 4), row_chunk=4)
+    assert torch.equal(cmask, mask)
+    torch.testing.assert_close(chunked, new, rtol=1e-3, atol=1e-3)
+    admm_prune(w, hs.H, 0.5, Structure(2, 4), overwrite_H=True)
+    assert not torch.equal(hs.H, H0)                # reused for the factorization: memory as SparseGPT
+
+
+def test_admm_schedule_and_options():
+    assert [round(schedule(0.6, t, 4), 4) for t in range(1, 6)] == [0.3469, 0.525, 0.5906, 0.6, 0.6]
+    for kwargs, match in [(dict(iters=0), "--admm-iters"), (dict(iters=5, gradual=6), "--admm-gradual"),
+                          (dict(rho=0.0), "--admm-rho"), (dict(damp=-1.0), "--admm-damp")]:
+        with pytest.raises(StreamPruneError, match=match):
+            ADMM(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ OWL

@@ -18,6 +18,9 @@ CASES = [
     dict(method="ria", refine="dsnot", structure="4:8"),
     dict(method="wanda", sparsity_profile="owl", sparsity=0.6),
     dict(method="sparsegpt", sparsity_profile="owl", sparsity=0.7, owl_lambda=0.1),
+    dict(method="admm"),
+    dict(method="admm", structure="2:4"),
+    dict(method="admm", sparsity_profile="owl", sparsity=0.7, owl_lambda=0.1),
 ]
 
 
@@ -69,6 +72,9 @@ def test_owl_sweep_is_stored_and_reused_on_resume(tiny_models, ids_file, tmp_pat
     (dict(sparsity_profile="owl", structure="2:4"), "does not apply to N:M"),
     (dict(sparsity_profile="owl", owl_lambda=0.6), "--owl-lambda"),
     (dict(method="sparsegpt2"), "--method"),
+    (dict(method="admm", admm_gradual=30), "--admm-gradual"),
+    (dict(method="admm", admm_rho=0), "--admm-rho"),
+    (dict(refine="dsnot", method="admm"), "refines a wanda or ria mask"),
 ])
 def test_bad_method_combinations(args, match, tiny_models, ids_file, tmp_path):
     from streamprune.errors import StreamPruneError

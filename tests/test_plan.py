@@ -144,3 +144,13 @@ def test_deepseek_v3_is_planned_from_its_largest_block_in_fp8(config_dir):
     assert cpu["plan"]["fits"] and cpu["plan"]["block_bytes_compute"] == 4 * r["block_params"]
     res = CliRunner().invoke(main, ["plan", str(config_dir("deepseek-v3")), "--gpu-memory", "24GB"])
     assert res.exit_code == 0 and "streaming a block's experts in groups is not built yet" in res.output
+
+
+def test_admm_is_planned_as_sparsegpt(config_dir):
+    """ADMM keeps the same statistics (one Hessian per distinct input) and, with its row chunk scaled to its bytes
+    per element, a workspace inside the plan's: the same plan as SparseGPT, Hessians included."""
+    args = dict(gpu_memory="24GB", host_memory="64GB")
+    admm = plan_for(config_dir("llama-2-70b"), method="admm", **args)["plan"]
+    sgpt = plan_for(config_dir("llama-2-70b"), method="sparsegpt", **args)["plan"]
+    wanda = plan_for(config_dir("llama-2-70b"), **args)["plan"]
+    assert admm == sgpt and admm["statistics_bytes"] > 0 == wanda["statistics_bytes"]

@@ -6,6 +6,7 @@ Adding a method: a `Method` subclass in a file of its own, and one line in METHO
 from __future__ import annotations
 
 from ..errors import StreamPruneError
+from .admm import ADMM
 from .base import Method, Profile, Pruned, Pruner, Refinement, Structure, Uniform, check_prunable, select
 from .dsnot import DSnoT
 from .magnitude import Magnitude
@@ -14,20 +15,24 @@ from .ria import RIA
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-METHODS = {m.name: m for m in (Wanda, Magnitude, RIA, SparseGPT)}
+METHODS = {m.name: m for m in (Wanda, Magnitude, RIA, SparseGPT, ADMM)}
 REFINES = {r.name: r for r in (DSnoT,)}
 PROFILES = {p.name: p for p in (Uniform, OWL)}
 
 
-def method_named(name: str) -> Method:
+def method_named(name: str, options=None) -> Method:
+    """The method called `name`, with its own options from `options` (a PruneOptions): the fields named
+    `<name>_<parameter>` (admm_iters -> ADMM(iters=...))."""
     if name not in METHODS:
         raise StreamPruneError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[name]()
+    prefix = name + "_"
+    params = {k[len(prefix):]: v for k, v in vars(options).items() if k.startswith(prefix)} if options else {}
+    return METHODS[name](**params)
 
 
 def profile_named(name: str, owl_lambda: float = 0.08, owl_m: float = 5.0) -> Profile:
     return OWL(owl_lambda, owl_m) if name == "owl" else PROFILES[name]()
 
 
-__all__ = ["METHODS", "REFINES", "PROFILES", "Method", "Refinement", "Profile", "Pruner", "Pruned", "Structure",
+__all__ = ["ADMM", "METHODS", "REFINES", "PROFILES", "Method", "Refinement", "Profile", "Pruner", "Pruned", "Structure",
            "check_prunable", "select", "method_named", "profile_named"]

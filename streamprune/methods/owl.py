@@ -28,7 +28,7 @@ class OWL(Profile):
         if structure.is_nm:
             raise StreamPruneError("--sparsity-profile owl varies unstructured sparsity per block; it does not apply to N:M")
         if not method.needs:
-            raise StreamPruneError("--sparsity-profile owl needs calibration statistics; use it with wanda, ria or sparsegpt")
+            raise StreamPruneError("--sparsity-profile owl needs calibration statistics; use it with wanda, ria, sparsegpt or admm")
         if not 0 <= self.lam < min(sparsity, 1 - sparsity):
             raise StreamPruneError(f"--owl-lambda {self.lam}: must be in [0, {min(sparsity, 1 - sparsity)}) "
                                    f"so every block's sparsity stays in (0, 1)")

@@ -1,0 +1,136 @@
+"""ADMM pruning with a weight update and gradual mask selection (Boza 2024, "Fast and Effective Weight Update for
+Pruned Large Language Models", arXiv 2401.02938, "ADMM-Grad"), from the same H = (2/n) X^T X as SparseGPT
+(statistics.HessianStats).
+
+Per linear, the layer-wise problem is min ||W X - W' X||^2 over W' with W''s mask constraint, solved in
+normalised coordinates: d = sqrt(diag H), Hn = D^-1 H D^-1 (unit diagonal), Wn = W D, so that |Wn| is Wanda's
+metric (up to a constant) and one penalty rho suits every layer. The objective is damped toward the dense weight,
+f(V) = tr((V - Wn) A (V - Wn)^T) with A = Hn + damp * I, and split as V = Z with Z masked (ADMM, scaled dual U):
+
+    Z = P_t(V + U)                                 mask step: zero per row the k_t smallest |V + U|
+    U = U + V - Z                                  dual step
+    V = Wn + rho (Z - U - Wn) (A + rho I)^-1       weight step: argmin f(V) + rho/2 ||V - Z + U||^2
+
+(the weight step is the paper's (Wn A + rho (Z - U)) (A + rho I)^-1 rewritten so that Wn A is never formed).
+The mask is re-chosen during the first `gradual` iterations with the cubic schedule s_t = s (1 - (1 - t/g)^3),
+t = 1..g, and then kept while the remaining iterations converge the weights on it; the result is the last Z,
+un-normalised (Z D^-1). N:M: per group of M the M - N largest |V + U| are kept, and the gradual schedule prunes
+the k_t smallest of the other candidates per row until every group has its N zeros.
+
+Choices of ours, against the reference code (fmfi-compbio/admm-pruning): the mask is chosen per output row with
+`select` (Wanda's rule, exact counts, ties to the lower index) rather than over the whole matrix, which makes
+every step row-local, so rows are processed in chunks (`row_chunk` bounds the workspace: three float32 row
+chunks and the selection); dead input columns (H_jj = 0) are handled as SparseGPT does (H_jj := 1, W[:, j] := 0).
+Memory: H (reused when no other linear shares it) and one in^2 float32 factor, as SparseGPT.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import StreamPruneError
+from .base import Method, Pruned, Structure, check_prunable, row_chunks, select
+
+
+# bytes per element of a row chunk at ADMM's peak (the dense weight, V + U and U as float32, while `select` runs
+# on them) against the 15 of a plain selection (plan.BYTES_PER_METRIC_ELEMENT): the loop's row chunk is scaled
+# by 15/28 so that ADMM's workspace stays inside the plan's
+BYTES_PER_ELEMENT = 28
+
+
+class ADMM(Method):
+    name = "admm"
+    needs = frozenset({"hessian"})
+    updates_weights = True
+
+    def __init__(self, iters: int = 20, gradual: int = 15, rho: float = 1.0, damp: float = 0.1):
+        check_admm(iters, gradual, rho, damp)
+        self.iters, self.gradual, self.rho, self.damp = iters, gradual, rho, damp
+
+    def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
+        from ..plan import BYTES_PER_METRIC_ELEMENT
+
+        if row_chunk:
+            row_chunk = max(1, row_chunk * BYTES_PER_METRIC_ELEMENT // BYTES_PER_ELEMENT)
+        new, mask = admm_prune(weight, stats.hessian.H, sparsity, structure, iters=self.iters,
+                               gradual=self.gradual, rho=self.rho, damp=self.damp, row_chunk=row_chunk,
+                               overwrite_H=stats.last_use)
+        return Pruned(mask, new)
+
+
+def check_admm(iters: int, gradual: int, rho: float, damp: float) -> None:
+    if iters < 1:
+        raise StreamPruneError(f"--admm-iters {iters}: must be at least 1")
+    if not 1 <= gradual <= iters:
+        raise StreamPruneError(f"--admm-gradual {gradual}: must be between 1 and --admm-iters ({iters})")
+    if not rho > 0:
+        raise StreamPruneError(f"--admm-rho {rho}: must be positive")
+    if not damp >= 0:
+        raise StreamPruneError(f"--admm-damp {damp}: must be 0 or more")
+
+
+def schedule(sparsity: float, t: int, gradual: int) -> float:
+    """The mask's sparsity at iteration t (1-based) of the gradual phase: s (1 - (1 - t/g)^3), s at t = g."""
+    return sparsity * (1 - (1 - min(t, gradual) / gradual) ** 3)
+
+
+def admm_mask(v: torch.Tensor, sparsity: float, structure: Structure) -> torch.Tensor:
+    """Per row, the entries zeroed at this step: unstructured, the int(in * sparsity) smallest |v|; N:M, the
+    int(in * sparsity) smallest |v| among the N smallest of every group of M (all of them at sparsity N/M)."""
+    a = v.abs()
+    if not structure.is_nm:
+        return select(a, sparsity, structure)
+    candidates = select(a, 0.0, structure)
+    if sparsity >= structure.n / structure.m:
+        return candidates
+    return select(a.masked_fill(~candidates, float("inf")), sparsity, Structure())
+
+
+@torch.no_grad()
+def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure: Structure, *, iters: int = 20,
+               gradual: int = 15, rho: float = 1.0, damp: float = 0.1, row_chunk: int = 0,
+               overwrite_H: bool = False):
+    """ADMM-Grad on one matrix (module docstring); returns `(new_weight, mask)`, new_weight in weight.dtype and
+    +0 wherever the mask is set."""
+    out, inp = weight.shape
+    check_prunable(inp, structure)
+    check_admm(iters, gradual, rho, damp)
+    if H.shape != (inp, inp):
+        raise StreamPruneError(f"admm_prune: H is {tuple(H.shape)}, expected ({inp}, {inp})")
+    target = structure.n / structure.m if structure.is_nm else sparsity
+    A = H if (overwrite_H and H.dtype == torch.float32) else H.float().clone()
+    diag_idx = torch.arange(inp, device=A.device)
+    dead = torch.diag(A) == 0
+    A[dead, dead] = 1
+    d = torch.diag(A).sqrt()
+    A.div_(d.reshape(1, -1)).div_(d.reshape(-1, 1))
+    A[diag_idx, diag_idx] += damp + rho
+    L, info = torch.linalg.cholesky_ex(A)
+    del A
+    if int(info):
+        raise StreamPruneError("admm_prune: H + damping is not positive definite; raise --admm-damp")
+    Ainv = torch.cholesky_inverse(L)  # (Hn + (damp + rho) I)^-1
+    del L
+
+    new = torch.empty(out, inp, dtype=weight.dtype, device=weight.device)
+    mask = torch.zeros(out, inp, dtype=torch.bool, device=weight.device)
+    for rows in row_chunks(out, row_chunk):
+        w0 = weight[rows].float() * d.reshape(1, -1)
+        w0[:, dead] = 0
+        v, u = w0.clone(), torch.zeros_like(w0)
+        m = None
+        for t in range(1, iters + 1):
+            z = v.add_(u)                                        # v + u (v is recomputed below)
+            if t <= gradual:
+                m = admm_mask(z, schedule(target, t, gradual), structure)
+            u = z.clone()
+            z.masked_fill_(m, 0)                                 # Z
+            u.sub_(z)                                            # U + V - Z: the masked part of V + U
+            step = (z - u - w0).matmul(Ainv)
+            v = step.mul_(rho).add_(w0)
+        z = v.add_(u).masked_fill_(m, 0)
+        z.div_(d.reshape(1, -1))
+        new[rows] = z.to(weight.dtype)
+        mask[rows] = m
+    new.masked_fill_(mask, 0)  # +0 (a -0.0 from the division stays out)
+    return new, mask
