@@ -50,10 +50,20 @@ ROWS = {
     "ria": dict(method="ria"),
     "ria+dsnot": dict(method="ria", refine="dsnot"),
     "sparsegpt": dict(method="sparsegpt"),
+    "admm": dict(method="admm"),
     "owl": dict(method="wanda", sparsity_profile="owl"),
     "owl+dsnot": dict(method="wanda", refine="dsnot", sparsity_profile="owl"),
     "owl+ria": dict(method="ria", sparsity_profile="owl"),
     "owl+sparsegpt": dict(method="sparsegpt", sparsity_profile="owl"),
+    "owl+admm": dict(method="admm", sparsity_profile="owl"),
+}
+# studies (not part of the grid unless named with --only): ADMM's iterations, penalty and mask schedule
+STUDIES = {
+    "admm(gradual=1)": dict(method="admm", admm_gradual=1),          # the Wanda mask, then ADMM's weight update
+    "admm(rho=0.3)": dict(method="admm", admm_rho=0.3),
+    "admm(rho=3)": dict(method="admm", admm_rho=3.0),
+    "admm(iters=40,gradual=30)": dict(method="admm", admm_iters=40, admm_gradual=30),
+    "admm(damp=0.01)": dict(method="admm", admm_damp=0.01),
 }
 # columns: name -> (sparsity, structure)
 SETTINGS = {
@@ -73,21 +83,27 @@ TARGETS = {"50%": 0.10, "2:4": 0.15, "70%": 0.30}
 EXPECTED = {"dense": 29.3, "magnitude@50%": 293, "wanda@50%": 53.2, "wanda@2:4": 142}
 
 
+OPTS = {**ROWS, **STUDIES}
+
+
 def applies(row: str, setting: str) -> bool:
-    opts = ROWS[row]
+    opts = OPTS[row]
     if opts is None:
         return setting == "50%"  # dense: measured once (stored under the 50% key, shown as a line)
     return not (opts.get("sparsity_profile") == "owl" and ":" in setting)
 
 
 def key(row: str, setting: str) -> str:
-    return "dense" if ROWS[row] is None else f"{row}@{setting}"
+    return "dense" if OPTS[row] is None else f"{row}@{setting}"
 
 
-def all_keys() -> list[tuple[str, str]]:
+def all_keys(studies: bool = False) -> list[tuple[str, str]]:
+    """The grid (rows x settings) in PRIORITY order; with `studies`, the studies' configurations after it."""
     out = [("dense", "50%")]
     for setting in PRIORITY:
         out += [(r, setting) for r in ROWS if ROWS[r] is not None and applies(r, setting)]
+    if studies:
+        out += [(r, setting) for setting in PRIORITY for r in STUDIES if applies(r, setting)]
     return out
 
 
@@ -122,7 +138,7 @@ def save(path: Path, data: dict) -> None:
 
 def prune(model_dir: Path, out: Path, row: str, setting: str, args, log_file: Path) -> dict:
     sparsity, structure = SETTINGS[setting]
-    opts = ROWS[row]
+    opts = OPTS[row]
     cmd = [sys.executable, "-m", "streamprune", "prune", str(model_dir), str(out),
            "--method", opts["method"], "--sparsity", str(sparsity), "--structure", structure,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0",
@@ -133,6 +149,9 @@ def prune(model_dir: Path, out: Path, row: str, setting: str, args, log_file: Pa
         cmd += ["--sparsity-profile", opts["sparsity_profile"]]
     if opts["method"] != "magnitude":
         cmd += ["--calib", str(args.calib)]
+    for name, value in opts.items():  # a method's own options (admm_rho -> --admm-rho 0.3)
+        if name not in ("method", "refine", "sparsity_profile"):
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
     t = time.perf_counter()
     with open(log_file, "w") as err:
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
@@ -164,9 +183,9 @@ def test_ids(model_dir: Path, args):
 def measure(row: str, setting: str, model_dir: Path, ids, args, work: Path) -> dict:
     rec = {"row": row, "setting": setting, "load_avg_start": round(os.getloadavg()[0], 2)}
     target = model_dir
-    if ROWS[row] is not None:
+    if OPTS[row] is not None:
         sparsity, structure = SETTINGS[setting]
-        rec.update(target_sparsity=sparsity, structure=structure, options=ROWS[row])
+        rec.update(target_sparsity=sparsity, structure=structure, options=OPTS[row])
         target = work / key(row, setting).replace("@", "_").replace(":", "-").replace("%", "pct")
         log_file = work / (target.name + ".log")
         try:
@@ -299,6 +318,8 @@ STYLE = {
     "owl+dsnot": ("tab:pink", "X", "--"),
     "owl+ria": ("tab:brown", "*", "-."),
     "owl+sparsegpt": ("tab:olive", "h", "-."),
+    "admm": ("tab:cyan", "d", "-"),
+    "owl+admm": ("navy", "p", "-."),
 }
 
 
@@ -427,8 +448,9 @@ def main(argv=None) -> int:
                        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                        f"{torch.get_num_threads()} torch threads")
         data["meta"] = meta
-        todo = [(r, c) for r, c in all_keys() if matches(r, c, patterns) and (args.redo or key(r, c) not in data["runs"])]
-        skipped = [key(r, c) for r, c in all_keys() if matches(r, c, patterns) and key(r, c) in data["runs"] and not args.redo]
+        keys = all_keys(studies=any("(" in p for p in patterns))  # studies only when named
+        todo = [(r, c) for r, c in keys if matches(r, c, patterns) and (args.redo or key(r, c) not in data["runs"])]
+        skipped = [key(r, c) for r, c in keys if matches(r, c, patterns) and key(r, c) in data["runs"] and not args.redo]
         print(f"{len(todo)} configuration(s) to measure; {len(skipped)} already in {json_path}", flush=True)
         if todo:
             model_dir = args.model or build_smollm2()
