@@ -85,7 +85,7 @@ PRUNE_OPTIONS = [
                  help="admm: the first iterations re-choose the mask, sparsity rising on a cubic schedule."),
     click.option("--admm-rho", type=float, default=1.0, show_default=True,
                  help="admm: the penalty, in coordinates where every input channel has unit second moment."),
-    click.option("--admm-damp", type=float, default=0.1, show_default=True,
+    click.option("--admm-damp", type=float, default=0.01, show_default=True,
                  help="admm: damping of the reconstruction toward the dense weight (same units)."),
     click.option("--refine", type=click.Choice(["dsnot"]), default=None, help="Refine the wanda/ria mask with DSnoT."),
     click.option("--sparsity-profile", default="uniform", show_default=True,

@@ -132,7 +132,7 @@ class PruneOptions:
     admm_iters: int = 20                # --method admm: ADMM iterations per linear
     admm_gradual: int = 15              # --method admm: the first iterations that re-choose the mask (cubic schedule)
     admm_rho: float = 1.0               # --method admm: the penalty (in the normalised coordinates, diag H = 1)
-    admm_damp: float = 0.1              # --method admm: damping toward the dense weight (times mean diag H = 1)
+    admm_damp: float = 0.01             # --method admm: damping toward the dense weight (times mean diag H = 1)
 
     # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
     RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",

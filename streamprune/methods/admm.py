@@ -43,7 +43,7 @@ class ADMM(Method):
     needs = frozenset({"hessian"})
     updates_weights = True
 
-    def __init__(self, iters: int = 20, gradual: int = 15, rho: float = 1.0, damp: float = 0.1):
+    def __init__(self, iters: int = 20, gradual: int = 15, rho: float = 1.0, damp: float = 0.01):
         check_admm(iters, gradual, rho, damp)
         self.iters, self.gradual, self.rho, self.damp = iters, gradual, rho, damp
 
@@ -88,7 +88,7 @@ def admm_mask(v: torch.Tensor, sparsity: float, structure: Structure) -> torch.T
 
 @torch.no_grad()
 def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure: Structure, *, iters: int = 20,
-               gradual: int = 15, rho: float = 1.0, damp: float = 0.1, row_chunk: int = 0,
+               gradual: int = 15, rho: float = 1.0, damp: float = 0.01, row_chunk: int = 0,
                overwrite_H: bool = False):
     """ADMM-Grad on one matrix (module docstring); returns `(new_weight, mask)`, new_weight in weight.dtype and
     +0 wherever the mask is set."""
