@@ -65,6 +65,10 @@ STUDIES = {
     "admm(rho=0.3,damp=0.1)": dict(method="admm", admm_rho=0.3, admm_damp=0.1),
     "admm(rho=3,damp=0.1)": dict(method="admm", admm_rho=3.0, admm_damp=0.1),
     "admm(iters=40,gradual=30,damp=0.1)": dict(method="admm", admm_iters=40, admm_gradual=30, admm_damp=0.1),
+    # the second allocation: OWL's per-block sparsity, then per linear inside each block
+    "owl-linear": dict(method="wanda", sparsity_profile="owl-linear"),
+    "owl-linear+sparsegpt": dict(method="sparsegpt", sparsity_profile="owl-linear"),
+    "owl-linear+admm": dict(method="admm", sparsity_profile="owl-linear"),
 }
 # columns: name -> (sparsity, structure)
 SETTINGS = {
@@ -91,7 +95,7 @@ def applies(row: str, setting: str) -> bool:
     opts = OPTS[row]
     if opts is None:
         return setting == "50%"  # dense: measured once (stored under the 50% key, shown as a line)
-    return not (opts.get("sparsity_profile") == "owl" and ":" in setting)
+    return not (opts.get("sparsity_profile", "uniform").startswith("owl") and ":" in setting)
 
 
 def key(row: str, setting: str) -> str:

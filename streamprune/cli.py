@@ -89,7 +89,8 @@ PRUNE_OPTIONS = [
                  help="admm: damping of the reconstruction toward the dense weight (same units)."),
     click.option("--refine", type=click.Choice(["dsnot"]), default=None, help="Refine the wanda/ria mask with DSnoT."),
     click.option("--sparsity-profile", default="uniform", show_default=True,
-                 help="uniform, or owl: per-block sparsity from a dense outlier sweep (average = --sparsity)."),
+                 help="uniform; owl: per-block sparsity from a dense outlier sweep (average = --sparsity); owl-linear: "
+                      "owl, and inside each block per linear from its own outlier share."),
     click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL: sparsity spread +-lambda."),
     click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL: outlier = score > M x mean."),
     click.option("--expert-min-tokens", type=int, default=16, show_default=True,

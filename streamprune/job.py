@@ -80,7 +80,7 @@ class PruneJob:
             self.plan = plan_job(spec, self.model.blocks, self.ckpt)
             rt.dist.agree(lambda: check_disk(self.plan, spec.out, sum(m["size"] for m in self.state.files.values())))
             self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk,
-                                  spec.options.expert_min_tokens)
+                                  spec.options.expert_min_tokens, spec.profile)
             try:
                 start = self._verify() if resumed else 0
                 with BlockIO(self.model.read_block, spec.options.overlap, self.obs.phase) as io:

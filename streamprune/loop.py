@@ -20,6 +20,7 @@ from .statistics import BlockStatistics, StopForward
 
 TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
 CHECK_ELEMENTS = 1 << 22  # check_pruned's chunk: a few 4 MB temporaries
+BITS = {4: torch.int32, 2: torch.int16, 1: torch.int8}  # a float's bits, by its size
 
 
 class Stopped(Exception):
@@ -47,9 +48,10 @@ def check_pruned(w: torch.Tensor, mask: torch.Tensor, structure, where: str) -> 
     +0.0, and with N:M every group of M consecutive inputs of every row holds at least N zeros. In row chunks of
     at most CHECK_ELEMENTS entries: its temporaries stay small beside the block."""
     rows = max(1, CHECK_ELEMENTS // max(1, w.shape[1]))
+    bits = w.view(BITS[w.element_size()])  # +0.0 is the one float whose bits are all zero (-0.0, NaN are not)
     for r in range(0, w.shape[0], rows):
         wc, mc = w[r:r + rows], mask[r:r + rows]
-        if bool((mc & ((wc != 0) | torch.signbit(wc))).any()):
+        if bool((mc & (bits[r:r + rows] != 0)).any()):
             raise StreamPruneError(f"internal: {where}: a pruned entry is not +0.0")
         if structure.is_nm:
             zeros = (wc == 0).reshape(wc.shape[0], -1, structure.m).sum(-1)
@@ -60,8 +62,11 @@ def check_pruned(w: torch.Tensor, mask: torch.Tensor, structure, where: str) -> 
 
 class BlockLoop:
     def __init__(self, pruner, structure, runtime, observer, device: torch.device, dtype: torch.dtype,
-                 row_chunk: int = 0, expert_min_tokens: int = 0):
+                 row_chunk: int = 0, expert_min_tokens: int = 0, profile=None):
         self.pruner, self.structure, self.rt, self.obs = pruner, structure, runtime, observer
+        self.profile = profile
+        # what the dense pass gathers: the pruner's statistics, and those a profile allocating within blocks reads
+        self.needs = pruner.needs | (profile.within_needs if profile is not None else frozenset())
         self.device, self.dtype, self.row_chunk = device, dtype, row_chunk
         self.expert_min_tokens = expert_min_tokens
 
@@ -123,7 +128,7 @@ class BlockLoop:
         if not starved:
             return 0
         force = {name: sorted(es) for name, es in starved.items()}
-        full = self.statistics(block, i, acts, self.pruner.needs, "fallback", outputs=False, force=force)
+        full = self.statistics(block, i, acts, self.needs, "fallback", outputs=False, force=force)
         for t in stats.targets:
             for e in starved.get(names.get(id(t.module)), ()):
                 stats.stats[(t.name, e)] = full.stats[(t.name, e)]
@@ -139,17 +144,18 @@ class BlockLoop:
         result = BlockResult({}, sparsity, {}, set())
         if self.pruner.needs_data:
             with self.obs.phase("statistics", self.device):
-                stats = self.statistics(block, i, acts, self.pruner.needs, "statistics", outputs=False)
+                stats = self.statistics(block, i, acts, self.needs, "statistics", outputs=False)
                 result.fallback = self.fallback(block, i, acts, stats)
         with self.obs.phase("prune", self.device):
+            per = self.within(sparsity, stats)
             for t in (stats.targets if stats else targets(block)):
                 zeros = numel = 0
                 full = torch.zeros(t.weight.shape, dtype=torch.bool, device=t.weight.device) \
                     if t.name in want_masks else None
                 for e in ([None] if t.experts is None else range(t.experts)):
                     w = t.matrix(t.weight, e)
-                    pruned = self.pruner.prune(w, stats.pop((t.name, e)) if stats else None, sparsity,
-                                               self.structure, self.row_chunk)
+                    pruned = self.pruner.prune(w, stats.pop((t.name, e)) if stats else None,
+                                               per.get((t.name, e), sparsity), self.structure, self.row_chunk)
                     if pruned.weight is not None:
                         w.copy_(pruned.weight)
                         result.recomputed.add(t.name)
@@ -173,6 +179,15 @@ class BlockLoop:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")
         return result
+
+    def within(self, sparsity: float, stats: BlockStatistics | None) -> dict:
+        """{(target name, expert): sparsity} from a profile that allocates inside blocks ({} otherwise)."""
+        if stats is None or self.profile is None or not self.profile.within_needs:
+            return {}
+        keys = [(t, e) for t in stats.targets for e in ([None] if t.experts is None else range(t.experts))]
+        got = self.profile.within(sparsity, [(t.matrix(t.weight, e), stats.stats[(t.name, e)]) for t, e in keys],
+                                  self.row_chunk)
+        return {} if got is None else {(t.name, e): s for (t, e), s in zip(keys, got)}
 
     @torch.no_grad()
     def _prune_width(self, i: int, block: nn.Module, acts, ratio: float) -> BlockResult:

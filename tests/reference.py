@@ -92,7 +92,7 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
     masks, names = {}, {mod: name for name, mod in model.named_modules()}
     layers = decoder_layers(model)
     targets = [sparsity] * len(layers)
-    if profile == "owl":  # the dense sweep: every block's statistics from the still dense model
+    if profile in ("owl", "owl-linear"):  # the dense sweep: every block's statistics from the still dense model
         ratios = []
         for layer in layers:
             scalers = {}
@@ -106,7 +106,7 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
         def hooks(lin):
             if method == "magnitude":
                 return []
-            out = [scalers.setdefault(lin, _Scaler(lin))]
+            out = [scalers.setdefault(lin, _Scaler(lin))]  # (also what owl-linear's within-block rule reads)
             if refine == "dsnot":
                 out.append(_hook(moments.setdefault(lin, ChannelMoments(lin.in_features))))
             if method in ("sparsegpt", "admm"):
@@ -115,8 +115,14 @@ def reference_prune(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0,
 
         linears = _collect(model, layer, ids, hooks, batch_size) if method != "magnitude" else \
             [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
+        per = {lin: target for lin in linears}
+        if profile == "owl-linear":  # each linear's own outlier share, spread around the block's target
+            from streamprune.methods.owl import spread_weighted
+            ratios = [owl_outlier_ratio([(lin.weight, scalers[lin].s)], hyper_m=owl_m) for lin in linears]
+            per = dict(zip(linears, spread_weighted(ratios, [lin.weight.numel() for lin in linears], target,
+                                                    owl_lambda)))
         for lin in linears:
-            W = lin.weight.data
+            W, target = lin.weight.data, per[lin]
             if method == "wanda":
                 mask = _mask(torch.abs(W.float()) * torch.sqrt(scalers[lin].s.reshape(1, -1)), target, n, m)
             elif method == "magnitude" and m:

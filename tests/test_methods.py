@@ -11,7 +11,7 @@ import torch
 from streamprune.errors import StreamPruneError
 from streamprune.methods import RIA, Structure, Wanda, select
 from streamprune.methods.dsnot import dsnot_refine
-from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities
+from streamprune.methods.owl import owl_outlier_ratio, owl_sparsities, spread_weighted
 from streamprune.methods.ria import column_abs_sum, ria_rows
 from streamprune.methods.admm import ADMM, admm_prune, schedule
 from streamprune.methods.sparsegpt import sparsegpt_prune
@@ -511,3 +511,14 @@ def test_owl_sparsities_clamped_into_open_interval():
     assert all(0 < s < 1 for s in sp) and sp[-1] == 0.01
     sp = owl_sparsities([0.0, 10.0, 10.0, 10.0], 0.95, 0.08)
     assert all(0 < s < 1 for s in sp) and sp[0] == 0.99
+
+
+def test_spread_weighted_keeps_the_weighted_mean_and_the_order():
+    ratios, sizes = [0.02, 0.10, 0.05, 0.02], [100, 300, 50, 550]
+    got = spread_weighted(ratios, sizes, 0.7, 0.08)
+    assert sum(g * n for g, n in zip(got, sizes)) / sum(sizes) == pytest.approx(0.7, abs=1e-12)
+    assert max(got) - min(got) == pytest.approx(0.16)              # 2 lambda
+    assert got[1] == min(got) and got[0] == got[3] == max(got)     # most outliers: least pruned
+    assert spread_weighted([0.3, 0.3], [1, 5], 0.6, 0.08) == [0.6, 0.6]
+    assert min(spread_weighted([0.0, 1.0], [1000, 1], 0.05, 0.04)) == 0.01   # clamped into (0, 1)
+

@@ -21,6 +21,8 @@ CASES = [
     dict(method="admm"),
     dict(method="admm", structure="2:4"),
     dict(method="admm", sparsity_profile="owl", sparsity=0.7, owl_lambda=0.1),
+    dict(method="wanda", sparsity_profile="owl-linear", sparsity=0.6),
+    dict(method="sparsegpt", sparsity_profile="owl-linear", sparsity=0.7, owl_lambda=0.1),
 ]
 
 
@@ -42,7 +44,7 @@ def test_method_matches_reference(case, family, tiny_models, ids_file, tmp_path)
     sd = got.state_dict()
     for k, v in ref.state_dict().items():
         assert torch.equal(sd[k], v), k
-    if case.get("sparsity_profile") == "owl":
+    if case.get("sparsity_profile", "uniform").startswith("owl"):
         per_block = summary["block_sparsity"]
         assert max(per_block) - min(per_block) > 0.02  # non-uniform
         assert sum(per_block) / len(per_block) == pytest.approx(case["sparsity"], abs=0.02)
@@ -70,6 +72,7 @@ def test_owl_sweep_is_stored_and_reused_on_resume(tiny_models, ids_file, tmp_pat
 @pytest.mark.parametrize("args,match", [
     (dict(refine="dsnot", method="magnitude"), "refines a wanda or ria mask"),
     (dict(sparsity_profile="owl", structure="2:4"), "does not apply to N:M"),
+    (dict(sparsity_profile="owl-linear", method="magnitude"), "needs calibration statistics"),
     (dict(sparsity_profile="owl", owl_lambda=0.6), "--owl-lambda"),
     (dict(method="sparsegpt2"), "--method"),
     (dict(method="admm", admm_gradual=30), "--admm-gradual"),

@@ -449,6 +449,11 @@ def test_check_pruned_refuses_negative_zero_and_short_groups():
     check_pruned(w, mask, Structure(2, 4), "x")
     with pytest.raises(StreamPruneError, match="not \\+0.0"):
         check_pruned(torch.tensor([[-0.0, 1.0, 2.0, 0.0]]), mask, Structure(), "x")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # a pruned entry that is -0, tiny or NaN
+        check_pruned(w.to(dtype), mask, Structure(2, 4), "x")
+        for bad in (-0.0, 1e-45 if dtype == torch.float32 else 1e-7, float("nan")):
+            with pytest.raises(StreamPruneError, match="not \\+0.0"):
+                check_pruned(torch.tensor([[0.0, 1.0, 2.0, bad]], dtype=dtype), mask, Structure(), "x")
     with pytest.raises(StreamPruneError, match="fewer than 2 zeros"):
         check_pruned(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.tensor([[True, False, False, False]]),
                      Structure(2, 4), "x")

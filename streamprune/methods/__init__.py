@@ -10,14 +10,14 @@ from .admm import ADMM
 from .base import Method, Profile, Pruned, Pruner, Refinement, Structure, Uniform, check_prunable, select
 from .dsnot import DSnoT
 from .magnitude import Magnitude
-from .owl import OWL
+from .owl import OWL, OWLLinear
 from .ria import RIA
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
 METHODS = {m.name: m for m in (Wanda, Magnitude, RIA, SparseGPT, ADMM)}
 REFINES = {r.name: r for r in (DSnoT,)}
-PROFILES = {p.name: p for p in (Uniform, OWL)}
+PROFILES = {p.name: p for p in (Uniform, OWL, OWLLinear)}
 
 
 def method_named(name: str, options=None) -> Method:
@@ -31,7 +31,7 @@ def method_named(name: str, options=None) -> Method:
 
 
 def profile_named(name: str, owl_lambda: float = 0.08, owl_m: float = 5.0) -> Profile:
-    return OWL(owl_lambda, owl_m) if name == "owl" else PROFILES[name]()
+    return PROFILES[name](owl_lambda, owl_m) if issubclass(PROFILES[name], OWL) else PROFILES[name]()
 
 
 __all__ = ["ADMM", "METHODS", "REFINES", "PROFILES", "Method", "Refinement", "Profile", "Pruner", "Pruned", "Structure",

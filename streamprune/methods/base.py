@@ -137,10 +137,17 @@ class Refinement:
 
 
 class Profile:
-    """How sparse each block is. A profile that `sweeps` scores every dense block first (one extra forward)."""
+    """How sparse each block is. A profile that `sweeps` scores every dense block first (one extra forward).
+    One that allocates `within` a block too gets, before its linears are pruned, the block's statistics (of
+    the names in `within_needs`, gathered beside the method's) and returns each linear's sparsity."""
     name = ""
     needs: frozenset = frozenset()
+    within_needs: frozenset = frozenset()
     sweeps = False
+
+    def within(self, target: float, linears: list, row_chunk: int) -> list[float] | None:
+        """Each of [(weight, LinearStats)]'s sparsity inside a block pruned to `target`; None: all `target`."""
+        return None
 
     def check(self, sparsity: float, structure: Structure, method: Method) -> None:
         pass

@@ -26,9 +26,11 @@ class OWL(Profile):
 
     def check(self, sparsity, structure, method) -> None:
         if structure.is_nm:
-            raise StreamPruneError("--sparsity-profile owl varies unstructured sparsity per block; it does not apply to N:M")
+            raise StreamPruneError(f"--sparsity-profile {self.name} varies unstructured sparsity per block; it does "
+                                   "not apply to N:M")
         if not method.needs:
-            raise StreamPruneError("--sparsity-profile owl needs calibration statistics; use it with wanda, ria, sparsegpt or admm")
+            raise StreamPruneError(f"--sparsity-profile {self.name} needs calibration statistics; use it with "
+                                   "wanda, ria, sparsegpt or admm")
         if not 0 <= self.lam < min(sparsity, 1 - sparsity):
             raise StreamPruneError(f"--owl-lambda {self.lam}: must be in [0, {min(sparsity, 1 - sparsity)}) "
                                    f"so every block's sparsity stays in (0, 1)")
@@ -38,6 +40,31 @@ class OWL(Profile):
 
     def allocate(self, scores, target) -> list[float]:
         return owl_sparsities(scores, target, self.lam)
+
+
+class OWLLinear(OWL):
+    """OWL's per-block allocation, then the same rule once more inside every block: each linear's sparsity
+    spread by its own outlier share (its scores above M times its own mean) over 2 lambda around the block's,
+    most outliers least pruned, the block's parameter-weighted sparsity unchanged (`spread_weighted`)."""
+    name = "owl-linear"
+    within_needs = frozenset({"sq_norm"})
+
+    def within(self, target, linears, row_chunk) -> list[float]:
+        ratios = [owl_outlier_ratio([(w, st.sq_norm)], self.hyper_m, row_chunk) for w, st in linears]
+        return spread_weighted(ratios, [w.numel() for w, _ in linears], target, self.lam)
+
+
+def spread_weighted(ratios: Sequence[float], sizes: Sequence[int], target: float, lam: float) -> list[float]:
+    """OWL's allocation with each unit weighted by its size: density (r - min r) / (max r - min r) * 2 lam,
+    shifted so that sum(size * sparsity) / sum(size) = target; clamped into [0.01, 0.99] as `owl_sparsities`.
+    All ratios equal -> every unit gets `target`."""
+    r = [float(x) for x in ratios]
+    lo, hi = min(r), max(r)
+    if hi == lo:
+        return [target] * len(r)
+    dens = [(x - lo) / (hi - lo) * 2 * lam for x in r]
+    mean = sum(d * n for d, n in zip(dens, sizes)) / sum(sizes)
+    return [min(0.99, max(0.01, target + mean - d)) for d in dens]
 
 
 def _wanda_chunks(weight: torch.Tensor, s: torch.Tensor, row_chunk: int):
