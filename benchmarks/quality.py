@@ -301,6 +301,20 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r} | {c} | {rec['sparsity']:.4f} | {rec['prune_seconds']:.1f} | "
                      f"{rec['prune_process_seconds']:.1f} | {rec['peak_rss_bytes'] / 2**20:.0f} | "
                      f"{rec['eval_seconds']:.1f} | {fmt_ppl(rec['ppl'])} |")
+    studied = [(r, c) for r in STUDIES for c in cols if applies(r, c) and key(r, c) in runs]
+    if studied:
+        lines += ["", "## Studies", "",
+                  "Variants measured with the same protocol (`--only 'NAME@SETTING'`), beside the grid's row they vary.",
+                  "", "| variant | setting | options | achieved sparsity | prune s | peak RSS (MiB) | ppl | grid row's ppl |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r, c in studied:
+            rec = runs[key(r, c)]
+            row = "owl" + r[len("owl-linear"):] if r.startswith("owl-linear") else r.split("(")[0]
+            grid = runs.get(key(row, c)) if row in ROWS else None
+            opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in OPTS[r].items())
+            lines.append(f"| {r} | {c} | `{opts}` | {rec['sparsity']:.4f} | {rec['prune_seconds']:.1f} | "
+                         f"{rec['peak_rss_bytes'] / 2**20:.0f} | {fmt_ppl(rec['ppl'])} | "
+                         f"{fmt_ppl(grid['ppl']) if grid else '-'} |")
     errors = data.get("errors", {})
     if errors:
         lines += ["", "## Failed runs", ""]
@@ -453,7 +467,8 @@ def main(argv=None) -> int:
                        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                        f"{torch.get_num_threads()} torch threads")
         data["meta"] = meta
-        keys = all_keys(studies=any("(" in p for p in patterns))  # studies only when named
+        named = [p.split("@")[0] for p in patterns if p not in SETTINGS]  # studies only when a pattern names them
+        keys = all_keys(studies=any(fnmatch.fnmatchcase(st, p) for p in named for st in STUDIES))
         todo = [(r, c) for r, c in keys if matches(r, c, patterns) and (args.redo or key(r, c) not in data["runs"])]
         skipped = [key(r, c) for r, c in keys if matches(r, c, patterns) and key(r, c) in data["runs"] and not args.redo]
         print(f"{len(todo)} configuration(s) to measure; {len(skipped)} already in {json_path}", flush=True)
