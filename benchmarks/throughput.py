@@ -86,8 +86,8 @@ def run_in_memory(model_dir: str, out: str, calib: str, nsamples: int, seqlen: i
                     except Exception as e:  # StopForward: the statistics are complete for this sequence
                         if type(e).__name__ != "StopForward":
                             raise
-            for name, lin in stats.linears.items():
-                lin.weight.masked_fill_(wanda.prune(lin.weight, stats.pop(name), 0.5, structure, 0).mask, 0)
+            for t in stats.targets:
+                t.weight.masked_fill_(wanda.prune(t.weight, stats.pop((t.name, None)), 0.5, structure, 0).mask, 0)
             for s in range(nsamples):
                 outs[s:s + 1] = forward(layer, s)
             inps, outs = outs, inps

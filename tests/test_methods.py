@@ -445,7 +445,9 @@ def test_admm_objective_not_above_sparsegpt(structure, sparsity):
         assert bool((mask.sum(1) == int(64 * sparsity)).all())
 
 
-def test_admm_row_chunks_dead_columns_h_and_dtype():
+def test_admm_row_chunks_dead_columns_h_and_dtype(monkeypatch):
+    import streamprune.methods.admm as admm
+
     x, _ = _calib(96, 16)
     x[:, 5] = 0
     hs = HessianStats(16)
@@ -455,6 +457,8 @@ def test_admm_row_chunks_dead_columns_h_and_dtype():
     new, mask = admm_prune(w, hs.H, 0.5, Structure(2, 4))
     assert torch.equal(hs.H, H0)                    # the caller's H is untouched unless overwrite_H
     assert new.dtype == torch.float16 and bool((new[:, 5] == 0).all())
+    monkeypatch.setattr(admm, "SMALL_ELEMENTS", 0)  # split this small matrix too: rows 4, 4, 1
+    monkeypatch.setattr(admm, "MIN_ROWS", 1)
     chunked, cmask = admm_prune(w, hs.H, 0.5, Structure(2, 4), row_chunk=4)
     assert torch.equal(cmask, mask)
     torch.testing.assert_close(chunked, new, rtol=1e-3, atol=1e-3)

@@ -36,6 +36,8 @@ from .base import Method, Pruned, Structure, check_prunable, row_chunks, select
 # on them) against the 15 of a plain selection (plan.BYTES_PER_METRIC_ELEMENT): the loop's row chunk is scaled
 # by 15/28 so that ADMM's workspace stays inside the plan's
 BYTES_PER_ELEMENT = 28
+MIN_ROWS = 64  # rows per chunk at least: smaller products lose BLAS efficiency
+SMALL_ELEMENTS = 1 << 22  # a matrix up to 16 MiB in float32 is not split (its workspace is small beside the block)
 
 
 class ADMM(Method):
@@ -114,20 +116,23 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure
 
     new = torch.empty(out, inp, dtype=weight.dtype, device=weight.device)
     mask = torch.zeros(out, inp, dtype=torch.bool, device=weight.device)
-    for rows in row_chunks(out, row_chunk):
+    # four float32 row chunks live at once (w0, U, Z, the product): for a large matrix a quarter of the rows at a
+    # time keeps them at one float32 copy of W, SparseGPT's own working copy (a small one is done whole)
+    chunk = out if out * inp <= SMALL_ELEMENTS else min(row_chunk or out, max(MIN_ROWS, -(-out // 4)))
+    for rows in row_chunks(out, chunk):
         w0 = weight[rows].float() * d.reshape(1, -1)
         w0[:, dead] = 0
         v, u = w0.clone(), torch.zeros_like(w0)
         m = None
         for t in range(1, iters + 1):
-            z = v.add_(u)                                        # v + u (v is recomputed below)
+            z = v.add_(u)                                        # V + U (V is recomputed below)
             if t <= gradual:
                 m = admm_mask(z, schedule(target, t, gradual), structure)
-            u = z.clone()
-            z.masked_fill_(m, 0)                                 # Z
-            u.sub_(z)                                            # U + V - Z: the masked part of V + U
-            step = (z - u - w0).matmul(Ainv)
-            v = step.mul_(rho).add_(w0)
+            u = z.masked_fill(~m, 0)                             # U + V - Z: the masked part of V + U
+            z.masked_fill_(m, 0).sub_(u).sub_(w0)                # Z - U - W0
+            v = z.matmul(Ainv)
+            del z
+            v.mul_(rho).add_(w0)
         z = v.add_(u).masked_fill_(m, 0)
         z.div_(d.reshape(1, -1))
         new[rows] = z.to(weight.dtype)
