@@ -37,7 +37,7 @@ from .base import Method, Pruned, Structure, check_prunable, row_chunks, select
 # by 15/28 so that ADMM's workspace stays inside the plan's
 BYTES_PER_ELEMENT = 28
 MIN_ROWS = 64  # rows per chunk at least: smaller products lose BLAS efficiency
-SMALL_ELEMENTS = 1 << 22  # a matrix up to 16 MiB in float32 is not split (its workspace is small beside the block)
+SMALL_ELEMENTS = 1 << 20  # a matrix up to 4 MiB in float32 is not split (its workspace is small beside the block)
 
 
 class ADMM(Method):
@@ -119,19 +119,19 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure
     # four float32 row chunks live at once (w0, U, Z, the product): for a large matrix a quarter of the rows at a
     # time keeps them at one float32 copy of W, SparseGPT's own working copy (a small one is done whole)
     chunk = out if out * inp <= SMALL_ELEMENTS else min(row_chunk or out, max(MIN_ROWS, -(-out // 4)))
+    zero = torch.zeros((), device=weight.device)
     for rows in row_chunks(out, chunk):
         w0 = weight[rows].float() * d.reshape(1, -1)
         w0[:, dead] = 0
-        v, u = w0.clone(), torch.zeros_like(w0)
+        v, u, z = w0.clone(), torch.zeros_like(w0), torch.empty_like(w0)  # allocated once: no heap churn
         m = None
         for t in range(1, iters + 1):
-            z = v.add_(u)                                        # V + U (V is recomputed below)
+            torch.add(v, u, out=z)                               # V + U
             if t <= gradual:
                 m = admm_mask(z, schedule(target, t, gradual), structure)
-            u = z.masked_fill(~m, 0)                             # U + V - Z: the masked part of V + U
+            torch.where(m, z, zero, out=u)                       # U + V - Z: the masked part of V + U
             z.masked_fill_(m, 0).sub_(u).sub_(w0)                # Z - U - W0
-            v = z.matmul(Ainv)
-            del z
+            torch.matmul(z, Ainv, out=v)
             v.mul_(rho).add_(w0)
         z = v.add_(u).masked_fill_(m, 0)
         z.div_(d.reshape(1, -1))
