@@ -20,7 +20,7 @@ from .statistics import BlockStatistics, StopForward
 
 TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
 CHECK_ELEMENTS = 1 << 22  # check_pruned's chunk: a few 4 MB temporaries
-BITS = {4: torch.int32, 2: torch.int16, 1: torch.int8}  # a float's bits, by its size
+BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}  # a float's bits, by its size
 
 
 class Stopped(Exception):

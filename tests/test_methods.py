@@ -345,13 +345,17 @@ def test_sparsegpt_sparsity_nm_and_reconstruction():
     assert float(torch.linalg.norm(ref - x @ new.t())) < float(torch.linalg.norm(ref - x @ (w * ~mask).t()))
 
 
-def test_sparsegpt_dead_columns_and_dtype():
-    x, _ = _calib(85, 16)
-    x[:, 3] = 0
+def _dead_column_case(seed, dead, rows):
+    """A 16-input Hessian whose input `dead` is always 0, a float16 weight of `rows` rows, and a copy of H."""
+    x, _ = _calib(seed, 16)
+    x[:, dead] = 0
     hs = HessianStats(16)
     hs.add(x.unsqueeze(0))
-    w = torch.randn(5, 16, generator=_gen(86)).half()
-    H0 = hs.H.clone()
+    return hs, torch.randn(rows, 16, generator=_gen(seed + 1)).half(), hs.H.clone()
+
+
+def test_sparsegpt_dead_columns_and_dtype():
+    hs, w, H0 = _dead_column_case(85, 3, 5)
     new, mask = sparsegpt_prune(w, hs.H, 0.5, Structure(2, 4), blocksize=8)
     assert torch.equal(hs.H, H0)                      # the caller's H is untouched by default
     assert new.dtype == torch.float16 and bool((new[:, 3] == 0).all()) and bool(mask[:, 3].all())
@@ -448,12 +452,7 @@ def test_admm_objective_not_above_sparsegpt(structure, sparsity):
 def test_admm_row_chunks_dead_columns_h_and_dtype(monkeypatch):
     import streamprune.methods.admm as admm
 
-    x, _ = _calib(96, 16)
-    x[:, 5] = 0
-    hs = HessianStats(16)
-    hs.add(x.unsqueeze(0))
-    w = torch.randn(9, 16, generator=_gen(97)).half()
-    H0 = hs.H.clone()
+    hs, w, H0 = _dead_column_case(96, 5, 9)
     new, mask = admm_prune(w, hs.H, 0.5, Structure(2, 4))
     assert torch.equal(hs.H, H0)                    # the caller's H is untouched unless overwrite_H
     assert new.dtype == torch.float16 and bool((new[:, 5] == 0).all())

@@ -33,10 +33,10 @@ from ..errors import StreamPruneError
 from .base import Method, Pruned, Structure, check_prunable, row_chunks, select
 
 
-# bytes per element of a row chunk at ADMM's peak (the dense weight, V + U and U as float32, while `select` runs
-# on them) against the 15 of a plain selection (plan.BYTES_PER_METRIC_ELEMENT): the loop's row chunk is scaled
-# by 15/28 so that ADMM's workspace stays inside the plan's
-BYTES_PER_ELEMENT = 28
+# bytes per element of a row chunk at ADMM's peak (W0, V, U, Z as float32, 16, plus the selection's 15 while
+# `select` runs on them) against the 15 of a plain selection (plan.BYTES_PER_METRIC_ELEMENT): the loop's row
+# chunk is scaled by 15/31 so that ADMM's workspace stays inside the plan's (an estimate, not measured)
+BYTES_PER_ELEMENT = 31
 MIN_ROWS = 64  # rows per chunk at least: smaller products lose BLAS efficiency
 SMALL_ELEMENTS = 1 << 20  # a matrix up to 4 MiB in float32 is not split (its workspace is small beside the block)
 
@@ -136,7 +136,6 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure
             v.mul_(rho).add_(w0)
         z = v.add_(u).masked_fill_(m, 0)
         z.div_(d.reshape(1, -1))
-        new[rows] = z.to(weight.dtype)
+        new[rows] = z.to(weight.dtype)  # +0 where masked: +0 / d is +0
         mask[rows] = m
-    new.masked_fill_(mask, 0)  # +0 (a -0.0 from the division stays out)
     return new, mask
