@@ -96,6 +96,9 @@ PRUNE_OPTIONS = [
     click.option("--expert-min-tokens", type=int, default=16, show_default=True,
                  help="Mixture-of-Experts: an expert reached by fewer calibration tokens is pruned with the "
                       "statistics of all tokens routed to it by force."),
+    click.option("--expert-group", type=int, default=0, show_default=True,
+                 help="Mixture-of-Experts: stream each block's experts through the device this many at a time "
+                      "(0: only when the plan says a whole block does not fit, in the largest groups that do)."),
     click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
     click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
     click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),
@@ -246,7 +249,13 @@ def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, ac
     click.echo(f"settings: {r['device']} ({r['compute_dtype']}), {r['nsamples']} x {r['seqlen']} calibration tokens, "
                f"batch {r['batch_size']}, {r['ranks']} rank(s), host memory {hb(r['host_memory'])}, "
                f"GPU memory {hb(r['gpu_memory'])}")
-    rows = [("one block (checkpoint dtype)", p["block_bytes_checkpoint"]), ("one block (compute dtype)", p["block_bytes_compute"]),
+    if p["expert_group"]:
+        click.echo(f"experts streamed through the device {p['expert_group']} of {r['experts']} at a time (a whole "
+                   f"block does not fit)" + ("" if p["overlap"] else "; blocks read and written in the foreground "
+                                             "(two do not fit in host memory)"))
+    rows = [("one block (checkpoint dtype)", p["block_bytes_checkpoint"]),
+            ("one expert group + the rest (compute)" if p["expert_group"] else "one block (compute dtype)",
+             p["block_bytes_compute"]),
             ("activation buffers (2 x)", 2 * p["activation_buffer_bytes"]), ("block forward transient", p["forward_transient_bytes"]),
             (f"pruning workspace ({p['row_chunk']} rows/chunk)", p["workspace_bytes"]),
             ("predicted peak GPU memory", p["peak_gpu_bytes"]), ("predicted peak host memory", p["peak_host_bytes"]),
@@ -257,7 +266,8 @@ def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, ac
     click.echo("cards (same settings, auto tier):")
     for card, c in r["cards"].items():
         click.echo(f"  {card:>5}: {'fits' if c['fits'] else 'does not fit'}, activations on {c['tier']}, peak GPU "
-                   f"{hb(c['peak_gpu_bytes'])}, peak host {hb(c['peak_host_bytes'])}")
+                   f"{hb(c['peak_gpu_bytes'])}, peak host {hb(c['peak_host_bytes'])}"
+                   + (f", experts {c['expert_group']} at a time" if c.get("expert_group") else ""))
 
 
 @main.command("eval")

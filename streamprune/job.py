@@ -20,7 +20,8 @@ from .errors import StreamPruneError
 from .io import BlockIO
 from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
-from .model import StreamedModel
+from .groups import ExpertSource, check_skips
+from .model import StreamedModel, expert_parameters, experts_modules
 from .plan import check_disk, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
@@ -69,6 +70,9 @@ class PruneJob:
 
     def run(self) -> dict:
         spec, rt = self.spec, self.rt
+        self.plan = plan_job(spec, self.model.blocks, self.ckpt)
+        if self.plan.expert_group:
+            self._check_groups()  # before OUT is touched
         with MemoryMonitor(device=spec.device) as mon, (self.jobdir.locked() if rt.dist.main else nullcontext()):
             fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world)
             self.state, resumed = rt.dist.agree(lambda: open_job(
@@ -77,13 +81,12 @@ class PruneJob:
             if self.state.complete and rt.dist.agree(self._intact):
                 self.obs.log(f"{spec.out}: job already complete; nothing to do")
                 return summary(self, mon, resumed=True)
-            self.plan = plan_job(spec, self.model.blocks, self.ckpt)
             rt.dist.agree(lambda: check_disk(self.plan, spec.out, sum(m["size"] for m in self.state.files.values())))
             self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk,
                                   spec.options.expert_min_tokens, spec.profile)
             try:
                 start = self._verify() if resumed else 0
-                with BlockIO(self.model.read_block, spec.options.overlap, self.obs.phase) as io:
+                with BlockIO(self.model.read_block, spec.options.overlap and self.plan.overlap, self.obs.phase) as io:
                     self._write_copies(io)
                     sparsities = self._block_sparsities()
                     acts = self._activations(start)
@@ -114,17 +117,23 @@ class PruneJob:
                 break
             self.obs.event("block_start")
             t_block, before = time.perf_counter(), dict(self.obs.seconds)
+            source = self._expert_source(i)
+            grouped = frozenset() if source is None else frozenset(source.local(a) for a in source.params)
             with self.obs.phase("read"):
                 host, input_sha256 = io.read(i, ahead=i + 1 if i + 1 < n else None)
-                block, kept = model.load_block(i, host)
+                block, kept = model.load_block(i, host, grouped)
                 del host
-            want = model.kept_params(i, kept)
+            want = model.kept_params(i, kept) - grouped
+            if source is not None:
+                source.kept = kept
             try:
-                result = self.loop.prune_block(i, block, acts, sparsities[i], want)
+                result = self.loop.prune_block(i, block, acts, sparsities[i], want, source)
             except Stopped:
                 model.release_block(i)
                 break
-            tensors = model.block_tensors(i, block, kept, result.masks, result.recomputed) if self.rt.dist.main else None
+            del source
+            tensors = model.block_tensors(i, block, kept, result.masks, result.recomputed, grouped) \
+                if self.rt.dist.main else None
             del kept, result.masks
             model.release_block(i)
             snapshot = snapshot_after(self, i, acts)
@@ -146,6 +155,35 @@ class PruneJob:
             raise self.rt.interrupted(f"stopped with {self.state.committed} of {n} blocks committed", self.spec.out)
 
     # ------------------------------------------------------------------ the steps
+
+    def _check_groups(self) -> None:
+        """What streaming experts in groups does not do (yet), refused before anything is written."""
+        spec, why = self.spec, None
+        if not self.plan.fits:
+            return  # the plan's own refusal comes first
+        if self.rt.dist.enabled:
+            why = "with --nproc above 1"
+        elif spec.profile.sweeps or spec.profile.within_needs:
+            why = f"with --sparsity-profile {spec.profile.name}"
+        elif any(len(experts_modules(b)) > 1 for b in self.model.blocks):
+            why = "for blocks with more than one experts module"
+        found = next((m for b in self.model.blocks for m in experts_modules(b).items()), None)
+        if found is not None and not why:
+            check_skips(found[1], found[0], expert_parameters(found[1]), spec.model.text.hidden_size, spec.dtype)
+        if why:
+            raise StreamPruneError(f"experts streamed in groups ({self.plan.expert_group} at a time, "
+                                   + ("--expert-group" if spec.options.expert_group else "the plan: a whole block "
+                                      "does not fit") + f") are not supported {why}")
+
+    def _expert_source(self, i: int) -> ExpertSource | None:
+        """Block i's experts streamed in groups when the plan (or --expert-group) says so, else None."""
+        size = self.plan.expert_group
+        found = experts_modules(self.model.blocks[i])
+        if not size or not found:
+            return None
+        (name, module), = found.items()  # one experts module per block: checked by check_groups
+        store = torch.device(self.spec.device) if self.plan.tier == "gpu" else torch.device("cpu")
+        return ExpertSource(self.model, i, {}, name, expert_parameters(module), size, store)
 
     def _intact(self) -> bool:
         """A complete job is done only if its index and every recorded file are still there as written. If not,
@@ -298,6 +336,7 @@ def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
         "block_sparsity": [sp[k] for k in sorted(sp)],
         "experts": sum(b.experts for b in state.blocks.values()),
         "experts_fallback": sum(b.fallback for b in state.blocks.values()),  # see BlockLoop.fallback
+        "expert_group": job.plan.expert_group if job.plan else 0,  # experts per group when streamed (groups.py)
         "block_seconds": [state.blocks[k].phase_seconds for k in sorted(sp)],
     }
     if spec.structure.width:  # sparsity above: the fraction of the MLP weights removed

@@ -14,8 +14,15 @@ from torch import nn
 
 from .memory import trim
 from .errors import StreamPruneError
-from .model import all_finite, block_output, experts_modules, targets
-from .statistics import BlockStatistics, StopForward
+from .groups import Calls, Replaced, groups, hidden_of, in_group, refuse_unsupported
+from .model import all_finite, block_output, experts_modules, set_tensor, targets
+from .statistics import BlockStatistics, GroupStatistics, StopForward, _forced_routing
+
+
+def src_store(device: torch.device, acts) -> torch.device:
+    """Where recorded expert calls live: beside the activations (on the device when they are, else the host)."""
+    data = getattr(acts.inputs, "data", None)
+    return data.device if data is not None else torch.device("cpu")
 
 
 TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
@@ -69,6 +76,7 @@ class BlockLoop:
         self.needs = pruner.needs | (profile.within_needs if profile is not None else frozenset())
         self.device, self.dtype, self.row_chunk = device, dtype, row_chunk
         self.expert_min_tokens = expert_min_tokens
+        self.calls = None  # expert groups: the experts module's recorded calls (groups.Calls) while a pass runs
 
     @torch.no_grad()
     def forward_all(self, block: nn.Module, i: int, acts, desc: str, outputs: bool = True,
@@ -76,13 +84,15 @@ class BlockLoop:
         """Run this rank's calibration batches through `block` (outputs into `acts.outputs` if asked)."""
         if self.rt.stop_requested():
             raise Stopped
-        for j0, j1 in self.obs.bar(acts.batches, desc=f"block {i} {desc}", leave=False):
+        for k, (j0, j1) in enumerate(self.obs.bar(acts.batches, desc=f"block {i} {desc}", leave=False)):
             if self.rt.signal_pending:
                 raise Stopped
             self.obs.event(desc)
             a, b = acts.local(j0, j1)
             if stats is not None:
                 stats.batch = j1 - j0
+            if self.calls is not None:  # expert groups: which batch the experts module is called for
+                self.calls.batch, self.calls.sequences = k, j1 - j0
             try:
                 y = block_output(block, acts.inputs.read(a, b, self.device), acts.kwargs[j1 - j0][i])
             except StopForward:
@@ -97,21 +107,25 @@ class BlockLoop:
                 acts.outputs.write(a, y)
 
     def statistics(self, block: nn.Module, i: int, acts, needs: frozenset, desc: str, outputs: bool,
-                   force: dict | None = None) -> BlockStatistics:
+                   force: dict | None = None, only=None) -> BlockStatistics:
         """A dense pass with statistics hooks (stopping after the last target unless outputs are wanted)."""
         with BlockStatistics(block, needs, record=self.rt.dist.enabled, stop_early=not outputs,
-                             force=force) as stats:
+                             force=force, only=only) as stats:
             self.forward_all(block, i, acts, desc, outputs=outputs, stats=stats)
         if self.rt.dist.enabled:
             stats.reduce(self.rt.dist)
+        if not force:
+            self.check_finite(i, stats)
+        return stats
+
+    def check_finite(self, i: int, stats) -> None:
         for key, st in stats.unique().items():
-            if not st.finite() and not force:
+            if not st.finite():
                 name = key[0] if key[1] is None else f"{key[0]} (expert {key[1]})"
                 raise StreamPruneError(f"block {i} {name.removesuffix('.weight')}: its inputs are not finite (NaN or "
                                        f"Inf) in {str(self.dtype).replace('torch.', '')} compute; "
                                        + ("rerun with --dtype float32" if self.dtype != torch.float32 else
                                           "the blocks before it produce them"))
-        return stats
 
     def fallback(self, block: nn.Module, i: int, acts, stats: BlockStatistics) -> int:
         """Experts the calibration data barely reached (fewer than `expert_min_tokens` routed tokens) take the
@@ -135,11 +149,15 @@ class BlockLoop:
         return sum(len(es) for es in starved.values())
 
     @torch.no_grad()
-    def prune_block(self, i: int, block: nn.Module, acts, sparsity: float, want_masks: set) -> BlockResult:
+    def prune_block(self, i: int, block: nn.Module, acts, sparsity: float, want_masks: set,
+                    experts=None) -> BlockResult:
         """Prune every target of block i in place (each expert's matrix on its own); `want_masks` names the
-        parameters whose masks to return."""
+        parameters whose masks to return. `experts` (a groups.ExpertSource): the block's experts module is on the
+        host, to be streamed through the device in groups."""
         if self.structure.width:
             return self._prune_width(i, block, acts, sparsity)
+        if experts is not None:
+            return self._prune_grouped(i, block, acts, sparsity, want_masks, experts)
         stats = None
         result = BlockResult({}, sparsity, {}, set())
         if self.pruner.needs_data:
@@ -147,31 +165,8 @@ class BlockLoop:
                 stats = self.statistics(block, i, acts, self.needs, "statistics", outputs=False)
                 result.fallback = self.fallback(block, i, acts, stats)
         with self.obs.phase("prune", self.device):
-            per = self.within(sparsity, stats)
-            for t in (stats.targets if stats else targets(block)):
-                zeros = numel = 0
-                full = torch.zeros(t.weight.shape, dtype=torch.bool, device=t.weight.device) \
-                    if t.name in want_masks else None
-                for e in ([None] if t.experts is None else range(t.experts)):
-                    w = t.matrix(t.weight, e)
-                    pruned = self.pruner.prune(w, stats.pop((t.name, e)) if stats else None,
-                                               per.get((t.name, e), sparsity), self.structure, self.row_chunk)
-                    if pruned.weight is not None:
-                        w.copy_(pruned.weight)
-                        result.recomputed.add(t.name)
-                    w.masked_fill_(pruned.mask, 0)
-                    w.add_(0.0)  # -0.0 + 0.0 = +0.0: no negative zero anywhere (some sparse kernels misread it)
-                    check_pruned(w, pruned.mask, self.structure,
-                                 f"block {i} {t.label}" + ("" if e is None else f" expert {e}"))
-                    zeros, numel = zeros + int(pruned.mask.count_nonzero()), numel + pruned.mask.numel()
-                    if full is not None:
-                        t.matrix(full, e).copy_(pruned.mask)
-                    del pruned
-                    if w.numel() >= TRIM_ELEMENTS:
-                        trim()  # its metric and selection workspace went back to malloc: give the pages to the OS
-                result.linears[t.label] = {"zeros": zeros, "numel": numel}
-                if full is not None:
-                    result.masks[t.name] = full
+            self.prune_targets(i, stats.targets if stats else targets(block), stats, self.within(sparsity, stats),
+                               sparsity, want_masks, result)
         del stats
         result.experts = sum(next(p for p in m.parameters(recurse=False) if p.dim() == 3).shape[0]
                              for m in experts_modules(block).values())
@@ -179,6 +174,41 @@ class BlockLoop:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")
         return result
+
+    def prune_targets(self, i: int, found: list, stats, per: dict, sparsity: float, want_masks: set,
+                      result: BlockResult, experts: range | None = None, masks: dict | None = None) -> None:
+        """Prune each target's matrices (each expert's on its own; only those in `experts` when given, with the
+        target's tensor holding just them) in place, from its statistics; counts and masks into `result` (the
+        masks of the parameters in `want_masks`, or into `masks` {attribute: mask} for a group of experts)."""
+        for t in found:
+            zeros = numel = 0
+            wanted = masks is not None or t.name in want_masks
+            full = torch.zeros(t.weight.shape, dtype=torch.bool, device=t.weight.device) if wanted else None
+            first = experts.start if experts is not None else 0
+            for e in ([None] if t.experts is None else (experts or range(t.experts))):
+                local = None if e is None else e - first
+                w = t.matrix(t.weight, local)
+                pruned = self.pruner.prune(w, stats.pop((t.name, e)) if stats else None,
+                                           per.get((t.name, e), sparsity), self.structure, self.row_chunk)
+                if pruned.weight is not None:
+                    w.copy_(pruned.weight)
+                    result.recomputed.add(t.name)
+                w.masked_fill_(pruned.mask, 0)
+                w.add_(0.0)  # -0.0 + 0.0 = +0.0: no negative zero anywhere (some sparse kernels misread it)
+                check_pruned(w, pruned.mask, self.structure,
+                             f"block {i} {t.label}" + ("" if e is None else f" expert {e}"))
+                zeros, numel = zeros + int(pruned.mask.count_nonzero()), numel + pruned.mask.numel()
+                if full is not None:
+                    t.matrix(full, local).copy_(pruned.mask)
+                del pruned
+                if w.numel() >= TRIM_ELEMENTS:
+                    trim()  # its metric and selection workspace went back to malloc: give the pages to the OS
+            before = result.linears.get(t.label, {"zeros": 0, "numel": 0})
+            result.linears[t.label] = {"zeros": before["zeros"] + zeros, "numel": before["numel"] + numel}
+            if full is not None and masks is not None:
+                masks[t.attr] = full
+            elif full is not None:
+                result.masks[t.name] = full
 
     def within(self, sparsity: float, stats: BlockStatistics | None) -> dict:
         """{(target name, expert): sparsity} from a profile that allocates inside blocks ({} otherwise)."""
@@ -188,6 +218,120 @@ class BlockLoop:
         got = self.profile.within(sparsity, [(t.matrix(t.weight, e), stats.stats[(t.name, e)]) for t, e in keys],
                                   self.row_chunk)
         return {} if got is None else {(t.name, e): s for (t, e), s in zip(keys, got)}
+
+    # ------------------------------------------------------------------ experts in groups (groups.py)
+
+    @torch.no_grad()
+    def _prune_grouped(self, i: int, block: nn.Module, acts, sparsity: float, want_masks: set, src) -> BlockResult:
+        """Block i with its experts module streamed in groups of `src.size` experts: groups.py's steps 1-3 for
+        the statistics (each group pruned right after its own), then again on the pruned block to propagate."""
+        module = block.get_submodule(src.module_name)
+        mine = [t for t in targets(block) if t.module is module]
+        others = lambda t: t.module is not module  # noqa: E731
+        result = BlockResult({t.label: {"zeros": 0, "numel": 0} for t in targets(block)}, sparsity, {}, set())
+        if not self.pruner.needs_data:  # magnitude: no pass, each group pruned from its weights alone
+            with self.obs.phase("prune", self.device):
+                self._groups(i, module, mine, src, None, sparsity, result)
+                self.prune_targets(i, [t for t in targets(block) if others(t)], None, {}, sparsity, want_masks,
+                                   result)
+            result.experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+            return result
+        with self.obs.phase("statistics", self.device):
+            calls = self._record(block, i, acts, module, "experts input")
+            self._groups(i, module, mine, src, calls, sparsity, result)  # pruned group by group
+            with Replaced(module, calls.replay):
+                stats = self.statistics(block, i, acts, self.needs, "statistics", outputs=False, only=others)
+            self.calls = None
+        with self.obs.phase("prune", self.device):
+            self.prune_targets(i, stats.targets, stats, {}, sparsity, want_masks, result)
+        del stats, calls
+        result.experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        with self.obs.phase("propagate", self.device):
+            calls = self._record(block, i, acts, module, "experts input")
+            self._groups(i, module, mine, src, calls, sparsity, None)
+            with Replaced(module, calls.replay):
+                self.forward_all(block, i, acts, "propagate")
+            self.calls = None
+        return result
+
+    def _record(self, block: nn.Module, i: int, acts, module: nn.Module, desc: str) -> Calls:
+        """Step 1: every batch's call of the experts module, the block stopped there."""
+        self.calls = Calls(module, src_store(self.device, acts))
+        with Replaced(module, self.calls.record):
+            self.forward_all(block, i, acts, desc, outputs=False)
+        return self.calls
+
+    def _groups(self, i: int, module: nn.Module, mine: list, src, calls: Calls | None, sparsity: float,
+                result: BlockResult | None) -> None:
+        """Step 2, group by group: the group's parameters on the device; its experts' statistics and summed output
+        from the recorded calls; pruned and written back when `result` is given (the dense pass), else only
+        their output (propagation, from the pruned host tensors)."""
+        count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        shapes = {a: getattr(module, a).shape for a in src.params}
+        needs = self.needs if result is not None else frozenset()
+        for group in groups(count, src.size):
+            if self.rt.signal_pending:
+                raise Stopped
+            for a in src.params:
+                set_tensor(module, a, src.value(a, group))
+            params = {a: getattr(module, a) for a in src.params}
+            stats = GroupStatistics(mine, params, group[0], group[1] - group[0], needs, self.rt.dist.enabled)
+            if calls is not None:
+                for k in list(calls.recorded):
+                    self._group_call(module, calls, k, stats, group, count, src.module_name)
+            if result is not None:
+                if self.pruner.needs_data:
+                    if self.rt.dist.enabled:
+                        stats.reduce(self.rt.dist)
+                    self.check_finite(i, stats)
+                    result.fallback += self._group_fallback(module, mine, params, calls, stats, group, count,
+                                                            src.module_name)
+                masks: dict = {}
+                self.prune_targets(i, mine, stats if self.pruner.needs_data else None, {}, sparsity, set(), result,
+                                   experts=range(*group), masks=masks)
+                for t in mine:
+                    src.write(t.attr, group, getattr(module, t.attr), masks[t.attr], t.name in result.recomputed)
+                del masks
+            del stats, params
+            for a in src.params:
+                set_tensor(module, a, torch.empty(shapes[a], device="meta"))
+            trim()
+
+    def _group_call(self, module, calls: Calls, k: int, stats, group: tuple, count: int, name: str) -> None:
+        args, kwargs, sequences = calls.on(self.device, k)
+        args, kwargs = in_group(args, kwargs, group, count)
+        hidden = hidden_of(args, kwargs)
+        acc = calls.outputs.get(k)
+        acc = torch.zeros_like(hidden) if acc is None else acc.to(self.device, non_blocking=True)
+        try:
+            out, used = stats.run(lambda: module(*args, **kwargs), sequences, hidden, acc)
+        except (RuntimeError, IndexError) as e:
+            refuse_unsupported(e, name)
+        if not used:  # an expert loop that does not start from zeros_like(hidden): add its part (not bit-exact)
+            acc += out
+        calls.outputs[k] = acc if acc.device == calls.store else acc.to(calls.store)
+
+    def _group_fallback(self, module, mine: list, params: dict, calls: Calls, stats, group: tuple, count: int,
+                        name: str) -> int:
+        """BlockLoop.fallback for one group: its starved experts' statistics with every token routed to them."""
+        starved = sorted({e for t in mine for e in range(*group)
+                          if stats.stats[(t.name, e)].tokens < self.expert_min_tokens})
+        if not starved:
+            return 0
+        forced = GroupStatistics(mine, params, group[0], group[1] - group[0], self.needs, self.rt.dist.enabled)
+        for k in list(calls.recorded):
+            args, kwargs, sequences = calls.on(self.device, k)
+            args, kwargs = _forced_routing(args, kwargs, [e - group[0] for e in starved])
+            try:
+                forced.run(lambda: module(*args, **kwargs), sequences)
+            except (RuntimeError, IndexError) as e:
+                refuse_unsupported(e, name)
+        if self.rt.dist.enabled:
+            forced.reduce(self.rt.dist)
+        for t in mine:
+            for e in starved:
+                stats.stats[(t.name, e)] = forced.stats[(t.name, e)]
+        return len(starved)
 
     @torch.no_grad()
     def _prune_width(self, i: int, block: nn.Module, acts, ratio: float) -> BlockResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -266,6 +266,12 @@ class Target:
         return w.shape[-1] if self.experts is None or not self.transposed else w.shape[1]
 
 
+def expert_parameters(module: nn.Module) -> list[str]:
+    """The parameters of an experts module that hold one slice per expert (its matrices, and biases if any)."""
+    count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+    return [a for a, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == count]
+
+
 def experts_modules(block: nn.Module) -> dict[str, nn.Module]:
     """Modules holding Mixture-of-Experts weights: 3-D parameters sharing their first (expert) dimension."""
     out = {}
@@ -419,6 +425,49 @@ class StreamedModel:
 
     # ------------------------------------------------------------------ tensors in and out
 
+    def _group_pieces(self, name: str, host: dict, group: tuple) -> list:
+        """(piece, its source) of experts `group` = (first, stop) of parameter `name`, each piece re-indexed into a
+        tensor holding only those experts: a per-expert tensor as it is, a fused one sliced."""
+        g0, g1 = group
+        out = []
+        for p in self.layout.pieces[name]:
+            if p.expert is None:
+                if p.scale:
+                    raise StreamPruneError(f"{name}: FP8 experts stored fused cannot be streamed in groups")
+                out.append((p, host[p.name][g0:g1]))
+            elif g0 <= p.expert < g1:
+                out.append((replace(p, expert=p.expert - g0), host[p.name]))
+        return out
+
+    def group_value(self, name: str, host: dict, group: tuple) -> torch.Tensor:
+        """Experts `group` = (first, stop) of parameter `name` in the compute dtype on the device, from the host
+        tensors of the block (which stay: groups.py writes the group back into them)."""
+        pieces = self._group_pieces(name, host, group)
+        first = pieces[0][1]
+        dtype = self.dtype if (first.is_floating_point() or pieces[0][0].scale) else first.dtype
+        value = torch.empty((group[1] - group[0],) + tuple(self.shapes[name][1:]), dtype=dtype, device=self.device)
+        for p, t in pieces:
+            if p.scale:
+                t = dequantize(t, host[p.scale], p.block, dtype)
+            p.region(value).copy_(t, non_blocking=True)
+        if not all_finite(value):
+            raise StreamPruneError(f"{self.ckpt.path}: tensor {name} holds NaN or Inf values (or does not fit in "
+                                   f"{str(dtype).replace('torch.', '')}); a block with them cannot be pruned")
+        return value
+
+    def store_group(self, name: str, host: dict, group: tuple, value: torch.Tensor, mask: torch.Tensor,
+                    recomputed: bool) -> None:
+        """Experts `group` of parameter `name`, pruned, back into the block's host tensors in the checkpoint's
+        layout and dtypes, by block_tensors' rules: FP8 codes re-encoded with their scales, an original the
+        compute dtype cannot represent zeroed where `mask` says (unless recomputed), else the computed values."""
+        for p, t in self._group_pieces(name, host, group):
+            if p.scale:
+                host[p.name] = quantize(p.region(value).cpu(), host[p.scale], p.block)
+            elif not exact_cast(t.dtype, value.dtype) and not recomputed:
+                t.masked_fill_(p.region(mask).to(t.device), 0)
+            else:
+                t.copy_(p.region(value))
+
     def _value(self, name: str, host: dict, kept: dict | None) -> torch.Tensor:
         """Parameter `name` in the compute dtype on the device, assembled from its pieces in `host`. Pieces the
         compute dtype cannot give back bit for bit go to `kept` (when given)."""
@@ -451,18 +500,21 @@ class StreamedModel:
                                    f"cannot be pruned: repair or re-export the checkpoint")
         return value
 
-    def load_block(self, i: int, host: dict | None = None) -> tuple[nn.Module, dict]:
+    def load_block(self, i: int, host: dict | None = None, grouped: frozenset = frozenset()) -> tuple[nn.Module, dict]:
         """Block i with its weights (from `host`, which it consumes, else read now). Returns (block, kept):
         `kept` holds the host tensors that `block_tensors` writes back as they are (FP8 scales, unknown tensors,
         persistent buffers, and tensors the compute dtype cannot represent exactly). Each host tensor is dropped
         as soon as its parameter exists in the compute dtype: the block as read and as computed are never both
-        whole in memory."""
+        whole in memory. Parameters named in `grouped` (local names: experts streamed in groups) stay on meta,
+        their host tensors in `kept`."""
         prefix = self.block_prefix(i)
         if host is None:
             host, _ = self.read_block(i)
         block, kept = self.blocks[i], {}
-        params = {n for n, _ in block.named_parameters()}
+        params = {n for n, _ in block.named_parameters()} - grouped
         for local in checkpoint_names(block):
+            if local in grouped:
+                continue
             set_tensor(block, local, self._value(prefix + local, host, kept))
             if local in params:
                 for p in self.layout.pieces[prefix + local]:
@@ -487,14 +539,15 @@ class StreamedModel:
         pin, digest = self.device.type == "cuda", hashlib.sha256()
         return {name: self.ckpt.read(name, pin=pin, digest=digest) for name in self.block_names(i)}, digest.hexdigest()
 
-    def block_tensors(self, i: int, block: nn.Module, kept: dict, masks: dict, recomputed: set) -> dict:
+    def block_tensors(self, i: int, block: nn.Module, kept: dict, masks: dict, recomputed: set,
+                      grouped: frozenset = frozenset()) -> dict:
         """Block i's shard contents in the checkpoint's own layout and dtypes. A parameter comes back from the
         module (its cast is exact, or the pruner recomputed it; FP8 codes are re-encoded with their own scales);
         a kept original is written as it was read, zeroed where `masks` (local parameter name -> mask) says.
         Consumes the block: each parameter is dropped once its pieces are copied, so the block in the compute
         dtype and its outgoing copy are never both whole in memory."""
         prefix, out = self.block_prefix(i), {}
-        params = dict(block.named_parameters())
+        params = {n: p for n, p in block.named_parameters() if n not in grouped}  # grouped: final in `kept`
         owner = {p.name: (local, p) for local in params for p in self.layout.pieces.get(prefix + local, [])}
         left = {local: len(self.layout.pieces.get(prefix + local, [])) for local in params}
         for name in self.block_names(i):

@@ -37,6 +37,9 @@ class BlockShape:
     kv_heads: int
     head_dim: int
     stat_inputs: tuple = ()  # in_features of each distinct linear input (q/k/v share one, gate/up another)
+    experts: int = 0         # Mixture-of-Experts: experts in the block's experts module (0: a dense block)
+    expert_params: int = 0   # parameters of one expert (its slice of every per-expert parameter)
+    expert_inputs: tuple = ()  # in_features of one expert's matrices
 
 
 def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
@@ -55,7 +58,14 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     heads = getattr(text, "num_attention_heads", 1)
     linears = [t.module for t in found if t.experts is None]
     experts = tuple(t.in_features for t in found if t.experts for _ in range(t.experts))
+    from .model import expert_parameters, experts_modules
+
+    modules = list(experts_modules(block).values())
+    count = next((t.experts for t in found if t.experts), 0)
+    per_expert = sum(getattr(m, a).numel() for m in modules for a in expert_parameters(m)) // count if count else 0
     return BlockShape(
+        experts=count, expert_params=per_expert,
+        expert_inputs=tuple(t.in_features for t in found if t.experts),
         params=sum(p.numel() for p in block.parameters()),
         largest_linear=(int(largest[0]), int(largest[1])),
         hidden=text.hidden_size,
@@ -87,6 +97,8 @@ class Plan:
     statistics_bytes: int           # Hessians (SparseGPT) held from the dense pass to the prune phase
     row_chunk: int
     tier: str                       # where the activation buffers live: gpu, cpu or disk
+    expert_group: int               # experts per group when a block's experts are streamed in groups (0: whole)
+    overlap: bool                   # blocks read ahead and written behind (off when two blocks overfill the host)
     peak_gpu_bytes: int | None
     peak_host_bytes: int
     disk_bytes: int
@@ -118,8 +130,46 @@ def forward_transient(shape: BlockShape, seqlen: int, batch: int, itemsize: int,
 def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt_itemsize: int,
               compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None, host_free: int,
               checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True, ranks: int = 1,
-              needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None) -> Plan:
-    """Predict the peaks of one rank. `gpu_free`/`host_free` are what the job may use (after any cap)."""
+              needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None,
+              expert_group: int = 0, overlap: bool = True) -> Plan:
+    """Predict the peaks of one rank. `gpu_free`/`host_free` are what the job may use (after any cap).
+
+    A block with experts that does not fit whole (or `expert_group` > 0: that many experts per group) is planned
+    with its experts streamed in groups (groups.py): the largest group that fits, read-ahead dropped when two
+    blocks do not fit in host memory."""
+    whole = _plan(shape, 0, overlap, nsamples=nsamples, seqlen=seqlen, batch=batch,
+                  ckpt_itemsize=ckpt_itemsize, compute_itemsize=compute_itemsize, device_type=device_type, tier=tier,
+                  gpu_free=gpu_free, host_free=host_free, checkpoint_bytes=checkpoint_bytes,
+                  needs_activations=needs_activations, snapshot=snapshot, ranks=ranks, needs=needs,
+                  hessian_inputs=hessian_inputs)
+    if not shape.experts or (whole.fits and not expert_group) or hessian_inputs is not None:
+        return whole
+
+    def grouped(g, ov):
+        return _plan(shape, g, ov, nsamples=nsamples, seqlen=seqlen, batch=batch, ckpt_itemsize=ckpt_itemsize,
+                     compute_itemsize=compute_itemsize, device_type=device_type, tier=tier, gpu_free=gpu_free,
+                     host_free=host_free, checkpoint_bytes=checkpoint_bytes, needs_activations=needs_activations,
+                     snapshot=snapshot, ranks=ranks, needs=needs)
+    if expert_group:
+        g = min(expert_group, shape.experts)
+        best = grouped(g, overlap)
+        return best if best.fits or not overlap else max(best, grouped(g, False), key=lambda p: p.fits)
+    for ov in ([True, False] if overlap else [False]):
+        lo, hi = 1, shape.experts - 1  # the largest group that fits (peaks grow with the group)
+        if not grouped(lo, ov).fits:
+            continue
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if grouped(mid, ov).fits else (lo, mid - 1)
+        count = -(-shape.experts // lo)  # as few groups as the largest that fits allows, of even sizes
+        return grouped(-(-shape.experts // count), ov)
+    return grouped(1, False)  # not even one expert at a time: its reason says so
+
+
+def _plan(shape: BlockShape, group: int, overlap: bool, *, nsamples: int, seqlen: int, batch: int,
+          ckpt_itemsize: int, compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None,
+          host_free: int, checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True,
+          ranks: int = 1, needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None) -> Plan:
     local = -(-nsamples // ranks)
     block_ckpt = shape.params * ckpt_itemsize
     block_compute = shape.params * compute_itemsize
@@ -136,6 +186,19 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
     hessians = sum(n * n * 4 for n in widths) if "hessian" in needs else 0
     io_blocks = 2 * block_ckpt  # on the host at the end of a block: the next one (read ahead) and its outgoing copy
     micro = 2 * batch * seqlen * shape.hidden * compute_itemsize  # a micro-batch in and out on the device
+    calls = 0
+    if group:
+        # experts in groups: on the device the block without its experts plus one group; Hessians of the group
+        # or of the other linears, never both; on the host the block as read (the experts written back into it)
+        # and, with read-ahead, one more; the recorded expert calls and their summed outputs (2 x activations)
+        rest = shape.params - shape.experts * shape.expert_params
+        block_compute = (rest + group * shape.expert_params) * compute_itemsize
+        per_expert = sum(n * n * 4 for n in shape.expert_inputs)
+        others = sum(n * n * 4 for n in shape.stat_inputs[:len(shape.stat_inputs) - shape.experts *
+                                                          len(shape.expert_inputs)])
+        hessians = max(others, group * per_expert) if "hessian" in needs else 0
+        io_blocks = (2 if overlap else 1) * block_ckpt
+        calls = 2 * local * seqlen * shape.hidden * compute_itemsize if needs_activations else 0
 
     reason = ""
     if device_type == "cuda":
@@ -143,22 +206,24 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         if tier == "auto":
             if not needs_activations:
                 tier = "cpu"
-            elif gpu_free is not None and gpu_base + GPU_SLACK * 2 * act <= gpu_free:
+            elif gpu_free is not None and gpu_base + GPU_SLACK * (2 * act + calls) <= gpu_free:
                 tier = "gpu"
-            elif 2 * act + io_blocks + PROCESS_BASE <= host_free * HOST_HEADROOM:
+            elif 2 * act + calls + io_blocks + PROCESS_BASE <= host_free * HOST_HEADROOM:
                 tier = "cpu"
             else:
                 tier = "disk"
-        peak_gpu = int(gpu_base + GPU_SLACK * (2 * act if tier == "gpu" else micro))
-        peak_host = PROCESS_BASE + io_blocks + (2 * act if tier == "cpu" else 0)
+        on_gpu = tier == "gpu"  # the recorded expert calls live beside the activations (host for cpu and disk)
+        peak_gpu = int(gpu_base + GPU_SLACK * ((2 * act + calls) if on_gpu else micro))
+        peak_host = PROCESS_BASE + io_blocks + (2 * act if tier == "cpu" else 0) + (0 if on_gpu else calls)
         fits = (gpu_free is None or peak_gpu <= gpu_free) and peak_host <= host_free
         if gpu_free is not None and peak_gpu > gpu_free:
             alone = CUDA_CONTEXT + GPU_SLACK * (block_compute + hessians + workspace)
             reason = ("one block and its forward do not fit the GPU; lower --seqlen or --batch-size"
                       if alone <= gpu_free else
                       f"one block is larger than the GPU ({block_compute / GiB:.1f} GiB in the compute dtype"
-                      + (f", {hessians / GiB:.1f} GiB of Hessians" if hessians else "") + "): streaming a block's "
-                      "experts in groups is not built yet; prune it on a larger card or on the CPU")
+                      + (f", {hessians / GiB:.1f} GiB of Hessians" if hessians else "") + ")"
+                      + (" even with one expert at a time" if group else "")
+                      + "; prune it on a larger card or on the CPU")
     else:
         # one I/O thread (io.py): besides the block being computed, one block is in flight, the previous one being
         # written or the next one read ahead, never both. At the end of a block its outgoing checkpoint-dtype copy
@@ -169,7 +234,11 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         exact = compute_itemsize >= ckpt_itemsize
         kept = 0 if exact else block_ckpt + shape.params
         out_copy = 0 if compute_itemsize == ckpt_itemsize else out_f * in_f * ckpt_itemsize
-        fixed = PROCESS_BASE + block_compute + block_ckpt + kept + hessians + max(out_copy, transient, workspace)
+        if group:  # the block as read stays (io_blocks), its experts written back into it: no outgoing copy
+            kept = 0 if exact else (shape.params - shape.experts * shape.expert_params) * (ckpt_itemsize + 1)
+            fixed = PROCESS_BASE + block_compute + io_blocks + kept + hessians + calls + max(transient, workspace)
+        else:
+            fixed = PROCESS_BASE + block_compute + block_ckpt + kept + hessians + max(out_copy, transient, workspace)
         if tier in ("auto", "gpu"):
             tier = "cpu" if not needs_activations or fixed + 2 * act <= host_free * HOST_HEADROOM else "disk"
         peak_gpu = None
@@ -178,8 +247,8 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
     if not fits and not reason:
         reason = "one block, its neighbours in flight and its workspace do not fit in host memory"
     disk = checkpoint_bytes + (2 * act if tier == "disk" else 0) + (act * ranks if snapshot else 0)
-    return Plan(block_ckpt, block_compute, act, transient, workspace, hessians, chunk, tier, peak_gpu, int(peak_host),
-                int(disk), bool(fits), reason)
+    return Plan(block_ckpt, block_compute, act, transient, workspace, hessians, chunk, tier, group, overlap,
+                peak_gpu, int(peak_host), int(disk), bool(fits), reason)
 
 
 def plan_job(spec, blocks, ckpt) -> Plan:
@@ -198,7 +267,8 @@ def plan_job(spec, blocks, ckpt) -> Plan:
                      host_free=psutil.virtual_memory().available,
                      checkpoint_bytes=sum(t.nbytes for t in ckpt.tensors.values()), needs_activations=spec.needs_data,
                      snapshot=o.snapshot_every > 0, needs=spec.pruner.needs,
-                     hessian_inputs=spec.pruner.hessian_widths() if spec.structure.width else None)
+                     hessian_inputs=spec.pruner.hessian_widths() if spec.structure.width else None,
+                     expert_group=o.expert_group, overlap=o.overlap)
 
 
 def check_disk(plan: Plan, out, written: int) -> None:
@@ -273,8 +343,8 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
         p = make_plan(shape, device_type="cuda", tier="auto", gpu_free=gb * GiB,
                       **dict(common, compute_itemsize=itemsize(requested or ckpt_dtype)))
         cards[f"{gb}GB"] = {"tier": p.tier, "peak_gpu_bytes": p.peak_gpu_bytes, "peak_host_bytes": p.peak_host_bytes,
-                            "fits": p.fits}
-    return {"model": str(model_dir), "blocks": len(blocks), "block_params": shape.params,
+                            "fits": p.fits, "expert_group": p.expert_group}
+    return {"model": str(model_dir), "blocks": len(blocks), "block_params": shape.params, "experts": shape.experts,
             "largest_linear": list(shape.largest_linear), "hidden": shape.hidden, "checkpoint_dtype": str(stored)[6:],
             "compute_dtype": str(compute)[6:], "device": device, "nsamples": nsamples, "seqlen": seqlen,
             "batch_size": batch_size, "ranks": ranks, "checkpoint_bytes": ckpt_bytes, "host_memory": host,

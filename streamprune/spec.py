@@ -127,6 +127,7 @@ class PruneOptions:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     expert_min_tokens: int = 16         # experts reached by fewer calibration tokens use all tokens' statistics
+    expert_group: int = 0               # experts streamed through the device this many at a time (0: as planned)
     width_multiple: int = 8             # --structure width: channels kept per block, a multiple of this
     width_compensation: bool = True     # --structure width: refit the down projection by least squares
     admm_iters: int = 20                # --method admm: ADMM iterations per linear
@@ -174,6 +175,8 @@ class PruneOptions:
             raise StreamPruneError("--seqlen must be at least 2")
         if self.snapshot_every < 0:
             raise StreamPruneError("--snapshot-every must be 0 (never) or more")
+        if self.expert_group < 0:
+            raise StreamPruneError("--expert-group must be 0 (as the plan says) or a positive number of experts")
         if self.expert_min_tokens < 0:
             raise StreamPruneError("--expert-min-tokens must be 0 or more")
         if self.width_multiple < 1:

@@ -169,19 +169,23 @@ class _ExpertCalls(TorchFunctionMode):
     """Active while an experts module runs its (eager) forward: every matmul whose weight is one expert's slice
     of a 3-D parameter is reported with its input rows, the tokens the model's own router sent there."""
 
-    def __init__(self, owner: "BlockStatistics", targets: dict):
+    def __init__(self, owner, targets: dict, hidden: torch.Tensor | None = None, acc: torch.Tensor | None = None):
         super().__init__()
-        self.owner, self.targets = owner, targets  # id(parameter) -> Target
+        self.owner, self.targets = owner, targets  # id(parameter) -> (Target, index of its first expert)
+        self.hidden, self.acc, self.accumulated = hidden, acc, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.zeros_like and self.acc is not None and args and args[0] is self.hidden:
+            self.accumulated = True  # the expert loop's output buffer: carry on from the groups before (groups.py)
+            return self.acc
         if func in _LINEAR_FUNCS:
             x = args[0] if args else kwargs.get("input")
             w = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
             base = getattr(w, "_base", None)
-            target = self.targets.get(id(base)) if base is not None else None
+            target, first = self.targets.get(id(base), (None, 0)) if base is not None else (None, 0)
             if target is not None:
-                expert = (w.storage_offset() - base.storage_offset()) // base.stride(0)
+                expert = first + (w.storage_offset() - base.storage_offset()) // base.stride(0)
                 if (func is F.linear) == target.transposed:
                     raise StreamPruneError(f"{target.name}: the experts module computes with the expert matrices "
                                            f"in an orientation streamprune does not expect; not supported")
@@ -189,7 +193,41 @@ class _ExpertCalls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class BlockStatistics:
+class _Gathered:
+    """What every set of statistics offers once gathered: `stats` keyed by (target name, expert or None)."""
+    stats: dict
+
+    def unique(self) -> dict:
+        """key -> statistics, one key per distinct LinearStats (the first target of a sharing group)."""
+        out: dict = {}
+        for k, st in self.stats.items():
+            out.setdefault(id(st), (k, st))
+        return dict(out.values())
+
+    def reduce(self, dist) -> None:
+        """Data-parallel: replay every rank's recorded batches in rank (= global batch) order; sum Hessians."""
+        unique = self.unique()
+        gathered = dist.gather({k: st.records for k, st in unique.items()})
+        for k, st in unique.items():
+            st.records = []
+            for records in gathered:
+                st.replay(records[k])
+            if st.hessian is not None:
+                hs = st.hessian
+                count = hs.nsamples
+                hs.H *= count
+                dist.sum_(hs.H)
+                hs.nsamples = sum(dist.gather(count))
+                hs.H /= hs.nsamples
+
+    def pop(self, key) -> LinearStats:
+        """One target's statistics, handed over; `last_use` says no other target still needs them."""
+        st = self.stats.pop(key)
+        st.last_use = not any(other is st for other in self.stats.values())
+        return st
+
+
+class BlockStatistics(_Gathered):
     """Hooks on every pruning target of a block while the block runs its dense pass; a context manager.
 
     Linears: forward pre-hooks; linears called with the very same input tensor (q/k/v, gate/up) share one
@@ -202,12 +240,13 @@ class BlockStatistics:
     to it (the fallback for experts the calibration data barely reached)."""
 
     def __init__(self, block: nn.Module, needs, record: bool = False, stop_early: bool = True,
-                 force: dict | None = None):
+                 force: dict | None = None, only=None):
         """`needs`: the statistics every target needs, or a function of the target (structured width needs a
-        Hessian of the down projection's input only)."""
+        Hessian of the down projection's input only). `only`: a predicate choosing the targets to watch (expert
+        groups gather the experts' statistics elsewhere, groups.py)."""
         from .model import experts_modules, targets
 
-        self.targets = targets(block)
+        self.targets = [t for t in targets(block) if only is None or only(t)]
         self.stats: dict = {}
         for t in self.targets:
             dev = t.weight.device
@@ -224,7 +263,9 @@ class BlockStatistics:
                 self.handles.append(t.module.register_forward_pre_hook(self._linear_hook(t)))
         experts = experts_modules(block)
         for name, mod in experts.items():
-            mine = {id(t.weight): t for t in self.targets if t.module is mod}
+            mine = {id(t.weight): (t, 0) for t in self.targets if t.module is mod}
+            if not mine:
+                continue
             self.handles.append(mod.register_forward_pre_hook(self._experts_enter(name, mine), with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._experts_exit(name, mine), with_kwargs=True))
 
@@ -253,7 +294,7 @@ class BlockStatistics:
         def hook(module, args, kwargs, output):
             module._streamprune_mode.__exit__(None, None, None)
             del module._streamprune_mode
-            for t in mine.values():  # experts this batch did not reach still count its sequences
+            for t, _ in mine.values():  # experts this batch did not reach still count its sequences
                 for e in range(t.experts):
                     if (t.name, e) not in self._hit:
                         width = t.in_features
@@ -303,37 +344,6 @@ class BlockStatistics:
         if self.stop_early:
             self._last = units[-1]
 
-    # ------------------------------------------------------------------ results
-
-    def unique(self) -> dict:
-        """key -> statistics, one key per distinct LinearStats (the first target of a sharing group)."""
-        out: dict = {}
-        for k, st in self.stats.items():
-            out.setdefault(id(st), (k, st))
-        return dict(out.values())
-
-    def reduce(self, dist) -> None:
-        """Data-parallel: replay every rank's recorded batches in rank (= global batch) order; sum Hessians."""
-        unique = self.unique()
-        gathered = dist.gather({k: st.records for k, st in unique.items()})
-        for k, st in unique.items():
-            st.records = []
-            for records in gathered:
-                st.replay(records[k])
-            if st.hessian is not None:
-                hs = st.hessian
-                count = hs.nsamples
-                hs.H *= count
-                dist.sum_(hs.H)
-                hs.nsamples = sum(dist.gather(count))
-                hs.H /= hs.nsamples
-
-    def pop(self, key) -> LinearStats:
-        """One target's statistics, handed over; `last_use` says no other target still needs them."""
-        st = self.stats.pop(key)
-        st.last_use = not any(other is st for other in self.stats.values())
-        return st
-
     def __enter__(self):
         return self
 
@@ -359,3 +369,35 @@ def _forced_routing(args: tuple, kwargs: dict, experts: list[int]):
             return torch.ones(tokens, len(experts), dtype=v.dtype, device=v.device)
         return v
     return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+class GroupStatistics(_Gathered):
+    """The statistics of one group of experts (experts `first` .. `first + len - 1` of one experts module),
+    gathered while the module's own forward runs on recorded calls with the group's slices as its parameters
+    (groups.py). The same rows in the same batch order as BlockStatistics would see in the whole block."""
+
+    def __init__(self, targets: list, params: dict, first: int, count: int, needs, record: bool):
+        """`targets`: the module's Targets; `params`: attribute -> the group's parameter now on the module."""
+        self.targets, self.first, self.count = targets, first, count
+        self.ids = {id(params[t.attr]): (t, first) for t in targets}
+        self.stats = {(t.name, e): LinearStats(needs, t.in_features, params[t.attr].device, record)
+                      for t in targets for e in range(first, first + count)}
+        self.batch = None
+
+    def run(self, call, batch: int, hidden: torch.Tensor | None = None, acc: torch.Tensor | None = None):
+        """`call()` (the module on one recorded batch of `batch` sequences) with its expert matmuls watched; its
+        output buffer is `acc` when given. Returns (output, whether the module wrote into `acc`)."""
+        self.batch, self._hit = batch, set()
+        mode = _ExpertCalls(self, self.ids, hidden, acc)
+        with mode:
+            out = call()
+        for t in self.targets:  # experts this batch did not reach still count its sequences
+            for e in range(self.first, self.first + self.count):
+                if (t.name, e) not in self._hit:
+                    self.stats[(t.name, e)].add(out.new_zeros(0, t.in_features), batch)
+        return out, mode.accumulated
+
+    def _expert_rows(self, target, expert: int, x: torch.Tensor) -> None:
+        key = (target.name, expert)
+        self._hit.add(key)
+        self.stats[key].add(x.reshape(-1, x.shape[-1]), self.batch)

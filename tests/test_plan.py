@@ -115,8 +115,11 @@ def test_readme_plan_figures(config_dir):
            for name in ("qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x22b", "gpt-oss-120b")}
     assert (f"Qwen3-30B-A3B peaks at {moe['qwen3-30b-a3b']:.1f} GiB GPU, Qwen3-235B-A22B {moe['qwen3-235b-a22b']:.1f}, "
             f"Mixtral-8x22B {moe['mixtral-8x22b']:.1f}, gpt-oss-120b {moe['gpt-oss-120b']:.1f}") in readme
-    ds = plan_for(config_dir("deepseek-v3"), gpu_memory="24GB", host_memory="64GB")["plan"]
-    assert f"one of its blocks is {ds['block_bytes_compute'] / GiB:.1f} GiB in bf16" in readme
+    r = plan_for(config_dir("deepseek-v3"), gpu_memory="24GB", host_memory="64GB")
+    ds = r["plan"]
+    assert f"larger than the card: {r['block_params'] * 2 / GiB:.1f} GiB in bf16" in readme
+    assert (f"streams {ds['expert_group']} of {r['experts']} experts at a time, predicted peak GPU "
+            f"{ds['peak_gpu_bytes'] / GiB:.1f} GiB, host {ds['peak_host_bytes'] / GiB:.1f} GiB") in readme
 
 
 def test_moe_blocks_are_planned_with_their_experts(config_dir):
@@ -133,17 +136,47 @@ def test_moe_blocks_are_planned_with_their_experts(config_dir):
 
 def test_deepseek_v3_is_planned_from_its_largest_block_in_fp8(config_dir):
     """DeepSeek-V3: the first three blocks are dense, the other 58 carry 256 experts; its release stores them in
-    FP8. The plan is the largest block's, at one byte per stored weight, and a 24 GB card is refused by name."""
+    FP8. The plan is the largest block's, at one byte per stored weight. A whole block (21 GiB in bf16) does not
+    fit a 24 GB card: its experts are streamed in the largest even groups that fit, on every card from 8 GB."""
     r = plan_for(config_dir("deepseek-v3"), gpu_memory="24GB", host_memory="512GB")
     assert r["blocks"] == 61 and r["checkpoint_dtype"] == "float8_e4m3fn" and r["compute_dtype"] == "bfloat16"
     assert 11e9 < r["block_params"] < 12e9   # 256 x 3 x 7168 x 2048 expert weights and the shared expert
-    assert r["plan"]["block_bytes_checkpoint"] == r["block_params"]
-    assert not r["plan"]["fits"] and "one block is larger than the GPU" in r["plan"]["reason"]
-    assert not any(card["fits"] for card in r["cards"].values())
+    assert r["plan"]["block_bytes_checkpoint"] == r["block_params"] and r["experts"] == 256
+    p = r["plan"]
+    assert p["fits"] and p["peak_gpu_bytes"] <= 24 * GiB and 256 % p["expert_group"] == 0 < p["expert_group"] < 256
+    per_expert = 3 * 7168 * 2048
+    assert p["block_bytes_compute"] == 2 * (r["block_params"] - (256 - p["expert_group"]) * per_expert)
+    assert all(card["fits"] and card["expert_group"] for card in r["cards"].values())
+    groups = [r["cards"][c]["expert_group"] for c in ("8GB", "12GB", "16GB")]
+    assert groups == sorted(groups) and groups[0] < groups[-1]  # a larger card, larger groups
+    whole = plan_for(config_dir("deepseek-v3"), gpu_memory="80GB", host_memory="512GB")["plan"]
+    assert whole["fits"] and whole["expert_group"] == 0
     cpu = plan_for(config_dir("deepseek-v3"), host_memory="512GB")
     assert cpu["plan"]["fits"] and cpu["plan"]["block_bytes_compute"] == 4 * r["block_params"]
-    res = CliRunner().invoke(main, ["plan", str(config_dir("deepseek-v3")), "--gpu-memory", "24GB"])
-    assert res.exit_code == 0 and "streaming a block's experts in groups is not built yet" in res.output
+    res = CliRunner().invoke(main, ["plan", str(config_dir("deepseek-v3")), "--gpu-memory", "24GB",
+                                    "--host-memory", "512GB"])
+    assert res.exit_code == 0 and f"experts streamed through the device {p['expert_group']} of 256" in res.output
+
+
+def test_expert_groups_shrink_to_the_card(config_dir):
+    """The grouped plan's peaks grow with the group; the chosen group is the largest even one under the limit,
+    and a card too small even for one expert is refused with the reason."""
+    from streamprune.plan import BlockShape, make_plan
+
+    shape = BlockShape(params=200 * 2 ** 20 + 64 * 8 * 2 ** 20, largest_linear=(4096, 2048), hidden=2048,
+                       intermediate=4096, heads=16, kv_heads=4, head_dim=128, stat_inputs=(2048,) * 2 + (2048, 1024) * 64,
+                       experts=64, expert_params=8 * 2 ** 20, expert_inputs=(2048, 1024))
+    args = dict(nsamples=8, seqlen=512, batch=1, ckpt_itemsize=2, compute_itemsize=2, device_type="cuda",
+                tier="auto", host_free=256 * GiB, checkpoint_bytes=10 * GiB)
+    peaks = [make_plan(shape, gpu_free=64 * GiB, expert_group=g, **args).peak_gpu_bytes for g in (1, 2, 8, 32)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    assert make_plan(shape, gpu_free=3 * GiB, **args).expert_group == 0  # the whole block fits: no groups
+    auto = make_plan(shape, gpu_free=int(1.5 * GiB), **args)
+    assert auto.fits and auto.peak_gpu_bytes <= 1.5 * GiB and 64 % auto.expert_group == 0 < auto.expert_group
+    bigger = make_plan(shape, gpu_free=int(1.5 * GiB), expert_group=auto.expert_group * 2, **args)
+    assert not bigger.fits
+    tiny = make_plan(shape, gpu_free=GiB, **args)
+    assert not tiny.fits and "even with one expert at a time" in tiny.reason
 
 
 def test_admm_is_planned_as_sparsegpt(config_dir):

@@ -1,0 +1,150 @@
+"""A block's experts streamed through the compute device in groups: blocks larger than the card (DeepSeek-V3).
+
+The whole-block path holds every expert's matrices on the device. Here the experts module's parameters stay
+on the host as read (the checkpoint's dtype and layout: FP8 codes, one tensor per expert), and one group of
+experts at a time is assembled in the compute dtype on the device, used, pruned and written back into those host
+tensors. The model's own code does all the computing:
+
+1. the block runs up to its experts module, whose call (hidden states, routing) is recorded per batch, and stops;
+2. the experts module's own forward runs once per group on each recorded call, its parameters replaced by the
+   group's slices and the routing re-indexed into the group: experts outside it get the index `num_experts`,
+   which transformers' expert loop skips (an architecture whose loop does not, gpt-oss, is refused). The loop's
+   output buffer (its `zeros_like` of the hidden states) is handed the sum of the groups before, so every expert
+   is added in the order of the whole-block loop: the output is bit for bit the whole block's;
+3. the block runs again with the experts module returning that sum.
+
+Each expert's statistics come from step 2 (the rows the router sent it, batch by batch, as in the whole block),
+every other linear's from step 3; a group is pruned right after its statistics, so only one group's Hessians
+exist at a time. The propagation repeats 1-3 on the pruned block, the groups read back from the host tensors: for
+mask-only methods and exact casts these are the pruned values themselves; a weight-updating method (SparseGPT,
+ADMM) whose compute dtype is wider than the checkpoint's propagates through the weights as written (rounded to
+the checkpoint's dtype) where the whole block propagates through its compute-dtype values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import StreamPruneError
+from .model import set_tensor
+from .statistics import StopForward
+
+
+@dataclass
+class ExpertSource:
+    """Where a grouped block's experts come from and go back to: the block's host tensors (`kept` of
+    StreamedModel.load_block), `size` experts at a time. `store` is where recorded calls live between steps."""
+    model: object           # model.StreamedModel
+    index: int              # the block
+    kept: dict
+    module_name: str        # the experts module, local to the block
+    params: list            # its per-expert parameters (attribute names)
+    size: int
+    store: torch.device
+
+    def local(self, attr: str) -> str:
+        return f"{self.module_name}.{attr}" if self.module_name else attr
+
+    def value(self, attr: str, group: tuple) -> torch.Tensor:
+        return self.model.group_value(self.model.block_prefix(self.index) + self.local(attr), self.kept, group)
+
+    def write(self, attr: str, group: tuple, value: torch.Tensor, mask: torch.Tensor, recomputed: bool) -> None:
+        self.model.store_group(self.model.block_prefix(self.index) + self.local(attr), self.kept, group, value,
+                               mask, recomputed)
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _to(v, device):
+    return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+
+
+class Calls:
+    """The experts module's call of every batch of one pass: recorded in step 1, replayed in steps 2 and 3."""
+
+    def __init__(self, module: nn.Module, store: torch.device):
+        self.module, self.store = module, store
+        self.recorded: dict = {}    # batch -> (args, kwargs, sequences), on `store`
+        self.outputs: dict = {}     # batch -> the experts' summed output, on `store`
+        self.batch = None           # the batch the block loop is running (BlockLoop.forward_all sets it)
+        self.sequences = None
+
+    def record(self, *args, **kwargs):
+        self.recorded[self.batch] = (tuple(_to(a, self.store) for a in args),
+                                     {k: _to(v, self.store) for k, v in kwargs.items()}, self.sequences)
+        raise StopForward
+
+    def replay(self, *args, **kwargs):
+        out = self.outputs[self.batch]
+        device = hidden_of(args, kwargs).device
+        return out.clone() if out.device == device else out.to(device)  # the block may add to it in place
+
+    def on(self, device, batch):
+        args, kwargs, sequences = self.recorded[batch]
+        return tuple(_to(a, device) for a in args), {k: _to(v, device) for k, v in kwargs.items()}, sequences
+
+
+class Replaced:
+    """`module.forward` replaced by `fn` (an instance attribute, so nn.Module's call and its hooks still run)."""
+
+    def __init__(self, module: nn.Module, fn):
+        self.module, self.fn = module, fn
+
+    def __enter__(self):
+        self.module.forward = self.fn
+        return self
+
+    def __exit__(self, *exc):
+        del self.module.forward
+        return False
+
+
+def in_group(args: tuple, kwargs: dict, group: tuple, count: int):
+    """The call with its routing index re-indexed into `group` = (first, stop): its experts 0 .. size-1, every
+    other expert `count` (the index the expert loop skips). The index is the integer [tokens, k] tensor."""
+    hidden = hidden_of(args, kwargs)
+    tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+    g0, g1 = group
+
+    def swap(v):
+        if torch.is_tensor(v) and v is not hidden and v.dim() == 2 and v.shape[0] == tokens and \
+                not v.is_floating_point():
+            inside = (v >= g0) & (v < g1)
+            return torch.where(inside, v - g0, torch.full_like(v, count))
+        return v
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+def groups(count: int, size: int) -> list[tuple]:
+    return [(g0, min(count, g0 + size)) for g0 in range(0, count, size)]
+
+
+@torch.no_grad()
+def check_skips(module: nn.Module, name: str, params: list, hidden: int, dtype: torch.dtype) -> None:
+    """Refuse, before anything is written, an experts module whose loop does not skip the index `num_experts`:
+    its own forward on one token routed only there, with one zero expert as its parameters."""
+    count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+    shapes = {a: getattr(module, a).shape for a in params}
+    try:
+        for a in params:
+            set_tensor(module, a, torch.zeros((1,) + tuple(shapes[a][1:]), dtype=dtype))
+        x = torch.zeros(1, hidden, dtype=dtype)
+        out = module(x, torch.full((1, 1), count, dtype=torch.long), torch.ones(1, 1, dtype=dtype))
+        if not torch.is_tensor(out) or out.shape != x.shape:
+            raise RuntimeError("its output is not the hidden states' shape")
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        refuse_unsupported(e, name)
+    finally:
+        for a in params:
+            set_tensor(module, a, torch.empty(shapes[a], device="meta"))
+
+
+def refuse_unsupported(err: Exception, module_name: str) -> None:
+    raise StreamPruneError(f"{module_name}: this architecture's experts cannot be run one group at a time (its "
+                           f"expert loop does not skip the index num_experts: {str(err).splitlines()[0][:100]}); "
+                           f"its blocks need a device that holds a whole block") from None
