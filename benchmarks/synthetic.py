@@ -90,13 +90,48 @@ def _fill(shape: tuple, name: str, dtype: torch.dtype, seed: int, device: str) -
     return out
 
 
+def release_tensors(config, name: str, shape: tuple) -> dict:
+    """The tensors a published checkpoint stores for parameter `name`: one per expert where transformers'
+    checkpoint conversion mapping merges them (MergeModulelist, then an optional Concatenate), else itself."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    for conv in get_checkpoint_conversion_mapping(config.model_type) or []:
+        if not isinstance(conv, WeightConverter):
+            continue
+        target = conv._original_target_patterns[0].lstrip(".")
+        if len(conv._original_target_patterns) != 1 or not name.endswith(target):
+            continue
+        prefix, sources = name[: len(name) - len(target)], conv._original_source_patterns
+        dim = conv.operations[1].dim if len(conv.operations) == 2 else 1
+        inner = list(shape[1:])
+        inner[dim - 1] //= len(sources)
+        return {prefix + src.lstrip(".").replace("*", str(e)): tuple(inner) for src in sources for e in range(shape[0])}
+    return {name: shape}
+
+
+def _fp8(t: torch.Tensor, block: tuple) -> tuple:
+    """Block-scaled FP8 codes of a weight and their float32 scales (amax / 448 per tile)."""
+    rows, cols = t.shape
+    r, c = -(-rows // block[0]), -(-cols // block[1])
+    padded = torch.zeros(r * block[0], c * block[1])
+    padded[:rows, :cols] = t
+    scale = (padded.reshape(r, block[0], c, block[1]).abs().amax(dim=(1, 3)) / 448.0).clamp_min(1e-12)
+    del padded
+    full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (t.float() / full).to(torch.float8_e4m3fn), scale
+
+
 def make_synthetic(out_dir, config_json_path_or_dict, num_layers: int, vocab_size: int = 1024,
                    dtype: torch.dtype = torch.bfloat16, seed: int = 0, overrides: dict | None = None,
-                   device: str = "cpu", log=None) -> dict:
+                   device: str = "cpu", log=None, release: bool = False) -> dict:
     """Write a random-weight checkpoint of the config's architecture with `num_layers` blocks to `out_dir`.
 
     `overrides` replaces config entries (e.g. hidden_size for a shrunken test shape). `device` is where the
     random numbers are drawn (cuda is much faster for 405B-sized blocks); tensors are written from host memory.
+    `release`: the layout a published checkpoint has, not the model's in-memory one: experts one tensor each
+    (release_tensors) and, when the config declares block-scaled FP8, every 2-D projection weight in the blocks
+    as FP8 codes with `weight_scale_inv` (routers, norms and embeddings stay in `dtype`), as DeepSeek-V3 ships.
     Returns {"dir", "bytes", "shards", "block_bytes", "seconds"}.
     """
     t0 = time.perf_counter()
@@ -132,6 +167,14 @@ def make_synthetic(out_dir, config_json_path_or_dict, num_layers: int, vocab_siz
             shapes[n] = tuple(skeleton.get_parameter(n).shape)
         except AttributeError:
             shapes[n] = tuple(skeleton.get_buffer(n).shape)
+    fp8 = None
+    if release:
+        quant = cfg.get("quantization_config") or {}
+        fp8 = tuple(quant["weight_block_size"]) if quant.get("quant_method") == "fp8" else None
+        stored = {}
+        for n in names:
+            stored.update(release_tensors(config, n, shapes[n]))
+        names, shapes = list(stored), stored
     prefix = blocks_name + "."
     groups = [[n for n in names if not n.startswith(prefix)]]
     for i in range(len(blocks)):
@@ -146,15 +189,23 @@ def make_synthetic(out_dir, config_json_path_or_dict, num_layers: int, vocab_siz
             try:
                 floating = skeleton.get_parameter(n).is_floating_point()
             except AttributeError:
-                floating = skeleton.get_buffer(n).is_floating_point()
-            tensors[n] = _fill(shapes[n], n, dtype if floating else torch.float32, seed, device)
+                try:
+                    floating = skeleton.get_buffer(n).is_floating_point()
+                except AttributeError:  # a per-expert tensor of the release layout
+                    pass
+            value = _fill(shapes[n], n, dtype if floating else torch.float32, seed, device)
+            if fp8 and n.startswith(prefix) and n.endswith("_proj.weight") and value.dim() == 2:
+                tensors[n], tensors[n + "_scale_inv"] = _fp8(value, fp8)
+            else:
+                tensors[n] = value
+            del value
         name = shard_name(k, total_shards)
         write_shard(out / name, tensors)
         size = sum(x.numel() * x.element_size() for x in tensors.values())
         if k == 1:
             block_bytes = size
         total += size
-        weight_map.update({n: name for n in group})
+        weight_map.update({n: name for n in tensors})
         del tensors
         log(f"  {name}: {len(group)} tensors, {size / 1e9:.2f} GB, {time.perf_counter() - t:.1f}s")
     write_index(out, weight_map, total)
