@@ -16,6 +16,7 @@ Scores (per channel j; W = down_proj.weight, x = its input, G = x^T x):
 
     python benchmarks/width_scores.py 0.2,down,0.1 0.2,l2,0.1 0.2,obs,0.01     # RATIO,SCORE,FRACTION ...
     python benchmarks/width_scores.py --nsamples 64 --seqlen 512 0.2,down,0.01
+    python benchmarks/width_scores.py 0.2,down,d0.1        # dX: damping X x each channel's own diagonal of G_SS
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def refit(W, G, keep_idx, drop_idx, fraction):
     Gss = G[keep_idx][:, keep_idx]
     if not fraction:
         return W[:, keep_idx]
+    if isinstance(fraction, str):  # "dX": damping X x each channel's own diagonal (shrinking G toward its diagonal)
+        L = torch.linalg.cholesky(Gss + torch.diag(float(fraction[1:]) * Gss.diagonal()))
+        return W[:, keep_idx] + torch.cholesky_solve((W[:, drop_idx] @ G[drop_idx][:, keep_idx]).t(), L).t()
     L = torch.linalg.cholesky(Gss + fraction * Gss.diagonal().mean() * torch.eye(len(keep_idx)))
     return W[:, keep_idx] + torch.cholesky_solve((W[:, drop_idx] @ G[drop_idx][:, keep_idx]).t(), L).t()
 
@@ -147,7 +151,7 @@ def main() -> None:
     for spec in args.runs:
         ratio, score, fraction = spec.split(",")
         t = time.time()
-        ppl, keep = run(model, calib, test, float(ratio), score, float(fraction))
+        ppl, keep = run(model, calib, test, float(ratio), score, fraction if fraction.startswith("d") else float(fraction))
         print(f"ratio {ratio} score {score} damping {fraction} keep {keep} calibration {args.nsamples}x{args.seqlen}: "
               f"ppl {ppl:.2f} ({time.time() - t:.0f} s)", flush=True)
 

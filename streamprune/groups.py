@@ -51,7 +51,12 @@ class ExpertSource:
     def value(self, attr: str, group: tuple) -> torch.Tensor:
         return self.model.group_value(self.model.block_prefix(self.index) + self.local(attr), self.kept, group)
 
-    def write(self, attr: str, group: tuple, value: torch.Tensor, mask: torch.Tensor, recomputed: bool) -> None:
+    def needs_mask(self, attr: str) -> bool:
+        """Whether writing `attr` back needs its mask: an original the compute dtype cannot represent is zeroed
+        where pruned (the other pieces are written from the computed values)."""
+        return self.model.inexact_pieces(self.model.block_prefix(self.index) + self.local(attr), self.kept)
+
+    def write(self, attr: str, group: tuple, value: torch.Tensor, mask, recomputed: bool) -> None:
         self.model.store_group(self.model.block_prefix(self.index) + self.local(attr), self.kept, group, value,
                                mask, recomputed)
 

@@ -182,7 +182,7 @@ class BlockLoop:
         masks of the parameters in `want_masks`, or into `masks` {attribute: mask} for a group of experts)."""
         for t in found:
             zeros = numel = 0
-            wanted = masks is not None or t.name in want_masks
+            wanted = (t.attr in masks) if masks is not None else t.name in want_masks
             full = torch.zeros(t.weight.shape, dtype=torch.bool, device=t.weight.device) if wanted else None
             first = experts.start if experts is not None else 0
             for e in ([None] if t.experts is None else (experts or range(t.experts))):
@@ -286,11 +286,11 @@ class BlockLoop:
                     self.check_finite(i, stats)
                     result.fallback += self._group_fallback(module, mine, params, calls, stats, group, count,
                                                             src.module_name)
-                masks: dict = {}
+                masks = {t.attr: None for t in mine if src.needs_mask(t.attr)}  # filled by prune_targets
                 self.prune_targets(i, mine, stats if self.pruner.needs_data else None, {}, sparsity, set(), result,
                                    experts=range(*group), masks=masks)
                 for t in mine:
-                    src.write(t.attr, group, getattr(module, t.attr), masks[t.attr], t.name in result.recomputed)
+                    src.write(t.attr, group, getattr(module, t.attr), masks.get(t.attr), t.name in result.recomputed)
                 del masks
             del stats, params
             for a in src.params:

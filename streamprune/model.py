@@ -9,17 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import StreamPruneError
 from .layout import Layout, dequantize, fp8_block, quantize
 from .memory import host_empty, trim
 from .methods import check_prunable
 from .shards import Checkpoint
+
+
+LARGE_ELEMENTS = 1 << 28  # 1 GiB of float32: only a parameter is this large (DeepSeek-V3's experts: 7.5B elements)
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Tensors of more than LARGE_ELEMENTS made without a device go to meta: a parameter is created real and only
+    then moved to meta (below), and one larger than the host (a DeepSeek-V3 experts tensor, 28 GiB in float32) is
+    refused by the kernel's overcommit check before it could be moved."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.empty, torch.zeros, torch.ones) and kwargs.get("device") is None:
+            size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            if all(isinstance(n, int) for n in size) and math.prod(size) > LARGE_ELEMENTS:
+                kwargs = dict(kwargs, device="meta")
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -35,7 +54,8 @@ def _params_on_meta():
 
     nn.Module.register_parameter = register
     try:
-        yield
+        with _LargeOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = original
 
@@ -455,8 +475,11 @@ class StreamedModel:
                                    f"{str(dtype).replace('torch.', '')}); a block with them cannot be pruned")
         return value
 
-    def store_group(self, name: str, host: dict, group: tuple, value: torch.Tensor, mask: torch.Tensor,
-                    recomputed: bool) -> None:
+    def inexact_pieces(self, name: str, host: dict) -> bool:
+        """Does some piece of `name` (not FP8 codes) not survive the trip to the compute dtype and back?"""
+        return any(not p.scale and not exact_cast(host[p.name].dtype, self.dtype) for p in self.layout.pieces[name])
+
+    def store_group(self, name: str, host: dict, group: tuple, value: torch.Tensor, mask, recomputed: bool) -> None:
         """Experts `group` of parameter `name`, pruned, back into the block's host tensors in the checkpoint's
         layout and dtypes, by block_tensors' rules: FP8 codes re-encoded with their scales, an original the
         compute dtype cannot represent zeroed where `mask` says (unless recomputed), else the computed values."""

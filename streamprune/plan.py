@@ -193,6 +193,8 @@ def _plan(shape: BlockShape, group: int, overlap: bool, *, nsamples: int, seqlen
         # and, with read-ahead, one more; the recorded expert calls and their summed outputs (2 x activations)
         rest = shape.params - shape.experts * shape.expert_params
         block_compute = (rest + group * shape.expert_params) * compute_itemsize
+        if compute_itemsize < ckpt_itemsize:  # originals kept: the group's masks go back with it
+            block_compute += group * shape.expert_params
         per_expert = sum(n * n * 4 for n in shape.expert_inputs)
         others = sum(n * n * 4 for n in shape.stat_inputs[:len(shape.stat_inputs) - shape.experts *
                                                           len(shape.expert_inputs)])

@@ -150,3 +150,23 @@ def test_dense_models_ignore_expert_group(tiny_models, ids_file, tmp_path):
     b = streamprune.prune(model, tmp_path / "b", calib=str(ids_file), expert_group=2, **KW)
     ta, tb = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert all(torch.equal(ta[k], tb[k]) for k in ta) and a["sparsity"] == b["sparsity"]
+
+
+def test_skeleton_of_experts_larger_than_the_host(tmp_path):
+    """DeepSeek-V3's experts tensor is 28 GiB in float32: the meta skeleton is built without allocating it (the
+    kernel refuses an allocation larger than this 24 GB machine before it could be moved to meta), and its
+    non-persistent buffers are still real."""
+    import resource
+
+    from transformers import AutoConfig
+
+    from conftest import FIXTURES
+    from streamprune.model import build_skeleton
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "config.json").write_text((FIXTURES / "configs" / "deepseek-v3.json").read_text())
+    model = build_skeleton(AutoConfig.from_pretrained(tmp_path / "ds"), dtype=torch.float32)
+    experts = model.model.layers[3].mlp.experts
+    assert experts.gate_up_proj.device.type == "meta" and experts.gate_up_proj.numel() > 7e9
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 1024 ** 2  # KiB: well under 8 GiB
