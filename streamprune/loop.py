@@ -230,15 +230,18 @@ class BlockLoop:
         others = lambda t: t.module is not module  # noqa: E731
         result = BlockResult({t.label: {"zeros": 0, "numel": 0} for t in targets(block)}, sparsity, {}, set())
         if not self.pruner.needs_data:  # magnitude: no pass, each group pruned from its weights alone
-            with self.obs.phase("prune", self.device):
+            with self.obs.phase("experts", self.device):
                 self._groups(i, module, mine, src, None, sparsity, result)
+            with self.obs.phase("prune", self.device):
                 self.prune_targets(i, [t for t in targets(block) if others(t)], None, {}, sparsity, want_masks,
                                    result)
             result.experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
             return result
         with self.obs.phase("statistics", self.device):
             calls = self._record(block, i, acts, module, "experts input")
-            self._groups(i, module, mine, src, calls, sparsity, result)  # pruned group by group
+        with self.obs.phase("experts", self.device):  # statistics and prune, group by group
+            self._groups(i, module, mine, src, calls, sparsity, result)
+        with self.obs.phase("statistics", self.device):
             with Replaced(module, calls.replay):
                 stats = self.statistics(block, i, acts, self.needs, "statistics", outputs=False, only=others)
             self.calls = None

@@ -154,16 +154,20 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         g = min(expert_group, shape.experts)
         best = grouped(g, overlap)
         return best if best.fits or not overlap else max(best, grouped(g, False), key=lambda p: p.fits)
-    for ov in ([True, False] if overlap else [False]):
+    def largest(ov):
         lo, hi = 1, shape.experts - 1  # the largest group that fits (peaks grow with the group)
         if not grouped(lo, ov).fits:
-            continue
+            return 0
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if grouped(mid, ov).fits else (lo, mid - 1)
-        count = -(-shape.experts // lo)  # as few groups as the largest that fits allows, of even sizes
-        return grouped(-(-shape.experts // count), ov)
-    return grouped(1, False)  # not even one expert at a time: its reason says so
+        return -(-shape.experts // -(-shape.experts // lo))  # as few groups as that allows, of even sizes
+    alone = largest(False)
+    ahead = largest(True) if overlap else 0
+    if alone == 0:
+        return grouped(1, False)  # not even one expert at a time: its reason says so
+    # read-ahead when it leaves groups at least half as large as without it (few, large groups: fewer passes)
+    return grouped(ahead, True) if ahead and 2 * ahead >= alone else grouped(alone, False)
 
 
 def _plan(shape: BlockShape, group: int, overlap: bool, *, nsamples: int, seqlen: int, batch: int,
