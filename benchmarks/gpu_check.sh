@@ -12,6 +12,7 @@
 #     tokens under --gpu-memory-limit 24GB; per-block time, peak GPU/host memory, extrapolation to 80 blocks.
 # (c) 2 synthetic Llama-3.1-405B-shaped blocks, same settings plus --activations cpu; extrapolation to 126 blocks.
 # (d) `streamprune plan` predictions printed next to each measurement.
+# (e) a tiny Qwen3-MoE (8 experts, top-4) pruned with its experts in groups of 3 and whole: bit-identical on CUDA too.
 # Environment: GPU_CHECK_BUDGET (seconds, default 470), GPU_CHECK_WORK (scratch dir, default /tmp/streamprune-gpu-check),
 # PYTHON (default python3), SMOLLM2_DIR, GPU_CHECK_RESULTS (raw JSON; default $OUT/gpu_check when $OUT is set).
 
@@ -189,6 +190,31 @@ run_step "(c) prune" 170 "$RESULTS/c-prune.json" $PY -m streamprune prune "$M405
   --device $DEVICE $LIMIT --activations cpu --json --no-progress || partial "$WORK/o405" "(c)"
 report "$RESULTS/c-prune.json" "$RESULTS/c-plan.json" 126 "(c) 405B"
 rm -rf "$M405" "$WORK/o405"
+
+# ------------------------------------------------------------------------------------------------- (e)
+hr "(e) Mixture-of-Experts: experts streamed in groups on $DEVICE vs the whole block, bit for bit"
+run_step "(e) groups" 60 - $PY - "$DEVICE" "$WORK/moe" <<'EOF'
+import sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+import torch
+import streamprune
+from test_groups import wide_qwen3
+from tiny import tensors, write_ids
+device, root = sys.argv[1], Path(sys.argv[2])
+root.mkdir(parents=True, exist_ok=True)
+calib = write_ids(root / "ids.jsonl", 8, 32)
+model = wide_qwen3(root / "m")
+kw = dict(calib=str(calib), nsamples=8, seqlen=32, progress=False, device=device, dtype="float32")
+for method in ("wanda", "sparsegpt"):
+    w = streamprune.prune(model, root / f"{method}-whole", method=method, **kw)
+    g = streamprune.prune(model, root / f"{method}-g3", method=method, expert_group=3, **kw)
+    a, b = tensors(root / f"{method}-whole"), tensors(root / f"{method}-g3")
+    same = sum(torch.equal(a[k], b[k]) for k in a)
+    print(f"[(e)] {method}: {same}/{len(a)} tensors bit-identical, groups of {g['expert_group']}, peak GPU bytes "
+          f"whole {w.get('peak_gpu_bytes')} grouped {g.get('peak_gpu_bytes')}")
+EOF
+rm -rf "$WORK/moe"
 
 # ------------------------------------------------------------------------------------------------- (d)
 hr "(d) summary: measured vs streamprune plan"
