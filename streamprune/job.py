@@ -161,9 +161,7 @@ class PruneJob:
         spec, why = self.spec, None
         if not self.plan.fits:
             return  # the plan's own refusal comes first
-        if self.rt.dist.enabled:
-            why = "with --nproc above 1"
-        elif spec.profile.sweeps or spec.profile.within_needs:
+        if spec.profile.sweeps or spec.profile.within_needs:
             why = f"with --sparsity-profile {spec.profile.name}"
         elif any(len(experts_modules(b)) > 1 for b in self.model.blocks):
             why = "for blocks with more than one experts module"

@@ -113,3 +113,22 @@ def test_sigterm_on_one_rank_stops_all_at_a_safe_point(model, tmp_path):
     res = cli("resume", tmp_path / "out")
     assert res.returncode == 0, res.stderr[-2000:]
     assert shards(tmp_path / "clean") == shards(tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--structure", "2:4", "--refine", "dsnot", "--expert-min-tokens", "1000000"]],
+                         ids=["wanda", "2:4-dsnot-fallback"])
+def test_two_ranks_with_expert_groups_equal_one_whole(extra, tmp_path):
+    """Experts streamed in groups on two ranks: each group's statistics replayed in global batch order (and the
+    fallback's too), so the shards are those of one process holding whole blocks."""
+    from test_groups import wide_qwen3
+
+    ckpt, calib = wide_qwen3(tmp_path / "m"), write_ids(tmp_path / "ids.jsonl", 7, 32)
+    args = ["--calib", calib, "--nsamples", "7", "--seqlen", "32", "--no-progress", *extra]
+    one = cli("prune", ckpt, tmp_path / "one", *args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = cli("prune", ckpt, tmp_path / "two", *args, "--nproc", "2", "--expert-group", "3", "--json")
+    assert two.returncode == 0, two.stderr[-2000:]
+    summary = json.loads(two.stdout)
+    assert summary["ranks"] == 2 and summary["expert_group"] == 3
+    assert shards(tmp_path / "one") == shards(tmp_path / "two")
