@@ -6,7 +6,6 @@ import ctypes
 import math
 import mmap
 import threading
-import time
 
 import psutil
 import torch

@@ -2,8 +2,6 @@
 tensor bit for bit the whole-block path's, for each MoE family, method, structure, layout and dtype; what it cannot
 do refused before OUT is touched; the plan streams DeepSeek-V3's experts on a 24 GB card."""
 
-import json
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import streamprune
 from streamprune import loop
 from streamprune.cli import main
-from test_moe import SMALL, make_moe, moe_config
+from test_moe import SMALL, make_moe
 from tiny import quantize_fp8, tensors, write_ids
 
 KW = dict(nsamples=8, seqlen=32, progress=False)
