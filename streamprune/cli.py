@@ -279,14 +279,16 @@ def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, ac
 @click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars.")
+@click.option("--expert-group", type=int, default=0, show_default=True,
+              help="Mixture-of-Experts: run each block's experts N at a time on the device (0: whole blocks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors
-def eval_(model, text, seqlen, windows, device, dtype, batch_size, progress, as_json):
+def eval_(model, text, seqlen, windows, device, dtype, batch_size, progress, expert_group, as_json):
     """Perplexity of MODEL on a text file, streamed one block at a time (non-overlapping windows)."""
     from .evaluate import evaluate
 
     r = evaluate(model, text, seqlen=seqlen, windows=windows, device=device, dtype=dtype, progress=progress,
-                 batch_size=batch_size)
+                 batch_size=batch_size, expert_group=expert_group)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .calibration import read_text, tokenize
 from .errors import StreamPruneError
 from .memory import MemoryMonitor
-from .model import StreamedModel, block_output, capture
+from .model import StreamedModel, block_output, capture, expert_parameters, experts_modules, targets
 from .runtime import collect_new_only
 from .shards import Checkpoint
 from .spec import ModelInfo, compute_dtype, parse_dtype, resolve_device
@@ -82,14 +82,45 @@ class _Evaluator(StreamedModel):
         return hidden, kwargs
 
     @torch.no_grad()
-    def run_block(self, i: int, hidden: torch.Tensor, kwargs: dict, batches: list, progress: bool) -> None:
-        """Replace `hidden` in place by block i's outputs."""
+    def run_block(self, i: int, hidden: torch.Tensor, kwargs: dict, batches: list, progress: bool,
+                  expert_group: int = 0) -> None:
+        """Replace `hidden` in place by block i's outputs (its experts `expert_group` at a time when given)."""
+        found = experts_modules(self.blocks[i]) if expert_group else {}
+        if len(found) == 1:
+            return self._run_grouped(i, hidden, kwargs, batches, progress, expert_group, *next(iter(found.items())))
         block, _ = self.load_block(i)
         try:
             for j0, j1 in tqdm(batches, desc=f"block {i}", leave=False, disable=not progress):
                 y = block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i])
                 hidden[j0:j1] = y.to("cpu")
         finally:
+            self.release_block(i)
+
+    def _run_grouped(self, i: int, hidden, kwargs: dict, batches: list, progress: bool, size: int, name: str,
+                     module: nn.Module) -> None:
+        """run_block with the block's experts streamed through the device in groups (groups.py, steps 1-3)."""
+        from .groups import Calls, ExpertSource, Replaced, sum_outputs
+        from .statistics import StopForward
+
+        params = expert_parameters(module)
+        src = ExpertSource(self, i, {}, name, params, size, torch.device("cpu"))
+        block, src.kept = self.load_block(i, grouped=frozenset(src.local(a) for a in params))
+        calls = Calls(module, torch.device("cpu"))
+        try:
+            with Replaced(module, calls.record):
+                for k, (j0, j1) in enumerate(batches):
+                    calls.batch, calls.sequences = k, j1 - j0
+                    try:
+                        block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i])
+                    except StopForward:
+                        pass
+            sum_outputs(module, [t for t in targets(block) if t.module is module], src, calls, self.device)
+            with Replaced(module, calls.replay):
+                for k, (j0, j1) in enumerate(tqdm(batches, desc=f"block {i}", leave=False, disable=not progress)):
+                    calls.batch = k
+                    hidden[j0:j1] = block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i]).to("cpu")
+        finally:
+            del calls
             self.release_block(i)
 
     @torch.no_grad()
@@ -126,14 +157,18 @@ def _check_args(windows, batch_size) -> None:
 
 def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None = None, seqlen: int | None = None,
              windows: int | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
-             progress: bool = True, batch_size: int = 1, ids: torch.Tensor | None = None) -> dict:
+             progress: bool = True, batch_size: int = 1, ids: torch.Tensor | None = None, expert_group: int = 0) -> dict:
     """WikiText-style perplexity of the checkpoint in `model_dir` on `text_file`, one block in memory at a time.
 
     seqlen defaults to min(2048, model context); windows=None uses every full window. `ids` (a 1-D token
     stream) replaces the text file and tokenizer. dtype defaults to float32 on CPU, the checkpoint's on CUDA.
+    `expert_group` > 0: Mixture-of-Experts blocks run with their experts that many at a time on the device (for
+    blocks larger than the card; the same numbers as whole blocks).
     """
     t0 = time.perf_counter()
     _check_args(windows, batch_size)
+    if expert_group < 0:
+        raise StreamPruneError("--expert-group must be 0 (whole blocks) or a positive number of experts")
     info = ModelInfo.load(model_dir)
     requested = parse_dtype(dtype)
     dev = resolve_device(device)
@@ -157,7 +192,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
         batches = [(j, min(n, j + batch_size)) for j in range(0, n, batch_size)]
         hidden, kwargs = model.capture_inputs(data, batches)
         for i in tqdm(range(len(model.blocks)), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True):
-            model.run_block(i, hidden, kwargs, batches, progress)
+            model.run_block(i, hidden, kwargs, batches, progress, expert_group)
         losses = model.window_losses(data, hidden, batches, progress)
     nll = float(losses.mean())
     out = {"model": str(info.path), "ppl": math.exp(nll), "nll": nll, "windows": n, "seqlen": seqlen,

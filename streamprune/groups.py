@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import StreamPruneError
+from .memory import trim
 from .model import set_tensor
 from .statistics import StopForward
 
@@ -127,6 +128,47 @@ def in_group(args: tuple, kwargs: dict, group: tuple, count: int):
 
 def groups(count: int, size: int) -> list[tuple]:
     return [(g0, min(count, g0 + size)) for g0 in range(0, count, size)]
+
+
+def group_call(module: nn.Module, calls: Calls, k: int, stats, group: tuple, count: int, name: str, device) -> None:
+    """Step 2 for recorded call `k`: the module's forward on the group (its parameters set by the caller), watched
+    by `stats` (a statistics.GroupStatistics), its part added to the call's summed output."""
+    args, kwargs, sequences = calls.on(device, k)
+    args, kwargs = in_group(args, kwargs, group, count)
+    hidden = hidden_of(args, kwargs)
+    acc = calls.outputs.get(k)
+    acc = torch.zeros_like(hidden) if acc is None else acc.to(device, non_blocking=True)
+    try:
+        out, used = stats.run(lambda: module(*args, **kwargs), sequences, hidden, acc)
+    except (RuntimeError, IndexError) as e:
+        refuse_unsupported(e, name)
+    if not used:  # an expert loop that does not start from zeros_like(hidden): add its part (not bit-exact)
+        acc += out
+    calls.outputs[k] = acc if acc.device == calls.store else acc.to(calls.store)
+
+
+@torch.no_grad()
+def sum_outputs(module: nn.Module, mine: list, src: ExpertSource, calls: Calls, device, stop=lambda: False,
+                stopped=Exception) -> None:
+    """Step 2 without statistics or pruning (the propagation, the streamed evaluation): every group read back
+    from the host tensors, its part of each recorded call's output added; `stop()` true raises `stopped`."""
+    from .statistics import GroupStatistics
+
+    count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+    shapes = {a: getattr(module, a).shape for a in src.params}
+    for group in groups(count, src.size):
+        if stop():
+            raise stopped
+        for a in src.params:
+            set_tensor(module, a, src.value(a, group))
+        watch = GroupStatistics(mine, {a: getattr(module, a) for a in src.params}, group[0], group[1] - group[0],
+                                frozenset(), False)
+        for k in list(calls.recorded):
+            group_call(module, calls, k, watch, group, count, src.module_name, device)
+        del watch
+        for a in src.params:
+            set_tensor(module, a, torch.empty(shapes[a], device="meta"))
+        trim()
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from torch import nn
 
 from .memory import trim
 from .errors import StreamPruneError
-from .groups import Calls, Replaced, groups, hidden_of, in_group, refuse_unsupported
+from .groups import Calls, Replaced, group_call, groups, refuse_unsupported, sum_outputs
 from .model import all_finite, block_output, experts_modules, set_tensor, targets
 from .statistics import BlockStatistics, GroupStatistics, StopForward, _forced_routing
 
@@ -251,7 +251,7 @@ class BlockLoop:
         result.experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
         with self.obs.phase("propagate", self.device):
             calls = self._record(block, i, acts, module, "experts input")
-            self._groups(i, module, mine, src, calls, sparsity, None)
+            sum_outputs(module, mine, src, calls, self.device, lambda: self.rt.signal_pending, Stopped)
             with Replaced(module, calls.replay):
                 self.forward_all(block, i, acts, "propagate")
             self.calls = None
@@ -265,54 +265,36 @@ class BlockLoop:
         return self.calls
 
     def _groups(self, i: int, module: nn.Module, mine: list, src, calls: Calls | None, sparsity: float,
-                result: BlockResult | None) -> None:
-        """Step 2, group by group: the group's parameters on the device; its experts' statistics and summed output
-        from the recorded calls; pruned and written back when `result` is given (the dense pass), else only
-        their output (propagation, from the pruned host tensors)."""
+                result: BlockResult) -> None:
+        """Step 2 of the dense pass, group by group: the group's parameters on the device; its experts' statistics
+        and summed output from the recorded calls (none for magnitude); pruned and written back."""
         count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
         shapes = {a: getattr(module, a).shape for a in src.params}
-        needs = self.needs if result is not None else frozenset()
         for group in groups(count, src.size):
             if self.rt.signal_pending:
                 raise Stopped
             for a in src.params:
                 set_tensor(module, a, src.value(a, group))
             params = {a: getattr(module, a) for a in src.params}
-            stats = GroupStatistics(mine, params, group[0], group[1] - group[0], needs, self.rt.dist.enabled)
+            stats = GroupStatistics(mine, params, group[0], group[1] - group[0], self.needs, self.rt.dist.enabled)
             if calls is not None:
                 for k in list(calls.recorded):
-                    self._group_call(module, calls, k, stats, group, count, src.module_name)
-            if result is not None:
-                if self.pruner.needs_data:
-                    if self.rt.dist.enabled:
-                        stats.reduce(self.rt.dist)
-                    self.check_finite(i, stats)
-                    result.fallback += self._group_fallback(module, mine, params, calls, stats, group, count,
-                                                            src.module_name)
-                masks = {t.attr: None for t in mine if src.needs_mask(t.attr)}  # filled by prune_targets
-                self.prune_targets(i, mine, stats if self.pruner.needs_data else None, {}, sparsity, set(), result,
-                                   experts=range(*group), masks=masks)
-                for t in mine:
-                    src.write(t.attr, group, getattr(module, t.attr), masks.get(t.attr), t.name in result.recomputed)
-                del masks
-            del stats, params
+                    group_call(module, calls, k, stats, group, count, src.module_name, self.device)
+            if self.pruner.needs_data:
+                if self.rt.dist.enabled:
+                    stats.reduce(self.rt.dist)
+                self.check_finite(i, stats)
+                result.fallback += self._group_fallback(module, mine, params, calls, stats, group, count,
+                                                        src.module_name)
+            masks = {t.attr: None for t in mine if src.needs_mask(t.attr)}  # filled by prune_targets
+            self.prune_targets(i, mine, stats if self.pruner.needs_data else None, {}, sparsity, set(), result,
+                               experts=range(*group), masks=masks)
+            for t in mine:
+                src.write(t.attr, group, getattr(module, t.attr), masks.get(t.attr), t.name in result.recomputed)
+            del masks, stats, params
             for a in src.params:
                 set_tensor(module, a, torch.empty(shapes[a], device="meta"))
             trim()
-
-    def _group_call(self, module, calls: Calls, k: int, stats, group: tuple, count: int, name: str) -> None:
-        args, kwargs, sequences = calls.on(self.device, k)
-        args, kwargs = in_group(args, kwargs, group, count)
-        hidden = hidden_of(args, kwargs)
-        acc = calls.outputs.get(k)
-        acc = torch.zeros_like(hidden) if acc is None else acc.to(self.device, non_blocking=True)
-        try:
-            out, used = stats.run(lambda: module(*args, **kwargs), sequences, hidden, acc)
-        except (RuntimeError, IndexError) as e:
-            refuse_unsupported(e, name)
-        if not used:  # an expert loop that does not start from zeros_like(hidden): add its part (not bit-exact)
-            acc += out
-        calls.outputs[k] = acc if acc.device == calls.store else acc.to(calls.store)
 
     def _group_fallback(self, module, mine: list, params: dict, calls: Calls, stats, group: tuple, count: int,
                         name: str) -> int:

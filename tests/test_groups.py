@@ -168,3 +168,23 @@ def test_skeleton_of_experts_larger_than_the_host(tmp_path):
     assert experts.gate_up_proj.device.type == "meta" and experts.gate_up_proj.numel() > 7e9
     assert all(b.device.type == "cpu" for b in model.buffers())
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 1024 ** 2  # KiB: well under 8 GiB
+
+
+@pytest.mark.parametrize("family", ["wide_qwen3", "deepseek_v3"])
+def test_streamed_eval_with_expert_groups_is_the_whole_blocks(family, tmp_path):
+    """`eval --expert-group`: the same losses to the bit as whole blocks, and the in-memory model's perplexity."""
+    import math
+
+    from streamprune.evaluate import evaluate
+
+    model = wide_qwen3(tmp_path / "m") if family == "wide_qwen3" else make_moe(tmp_path / "m", family)
+    ids = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(1))
+    whole = evaluate(model, ids=ids, seqlen=32, progress=False)
+    grouped = evaluate(model, ids=ids, seqlen=32, progress=False, expert_group=3)
+    assert grouped["nll"] == whole["nll"]
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, experts_implementation="eager")
+    with torch.no_grad():
+        nll = sum(float(ref(w[None], labels=w[None]).loss) for w in ids.view(4, 32)) / 4
+    assert math.isclose(grouped["nll"], nll, rel_tol=1e-5)
+    res = CliRunner().invoke(main, ["eval", str(model), "--text", str(tmp_path / "none.txt"), "--expert-group", "-1"])
+    assert res.exit_code == 2 and "--expert-group" in res.output
