@@ -154,8 +154,6 @@ def test_skeleton_of_experts_larger_than_the_host(tmp_path):
     """DeepSeek-V3's experts tensor is 28 GiB in float32: the meta skeleton is built without allocating it (the
     kernel refuses an allocation larger than this 24 GB machine before it could be moved to meta), and its
     non-persistent buffers are still real."""
-    import resource
-
     from transformers import AutoConfig
 
     from conftest import FIXTURES
@@ -167,7 +165,6 @@ def test_skeleton_of_experts_larger_than_the_host(tmp_path):
     experts = model.model.layers[3].mlp.experts
     assert experts.gate_up_proj.device.type == "meta" and experts.gate_up_proj.numel() > 7e9
     assert all(b.device.type == "cpu" for b in model.buffers())
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 1024 ** 2  # KiB: well under 8 GiB
 
 
 @pytest.mark.parametrize("family", ["wide_qwen3", "deepseek_v3"])
