@@ -105,7 +105,7 @@ class _Evaluator(StreamedModel):
         params = expert_parameters(module)
         src = ExpertSource(self, i, {}, name, params, size, torch.device("cpu"))
         block, src.kept = self.load_block(i, grouped=frozenset(src.local(a) for a in params))
-        calls = Calls(module, torch.device("cpu"))
+        calls = Calls(src.store)
         try:
             with Replaced(module, calls.record):
                 for k, (j0, j1) in enumerate(batches):

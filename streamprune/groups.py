@@ -30,8 +30,8 @@ from torch import nn
 
 from .errors import StreamPruneError
 from .memory import trim
-from .model import set_tensor
-from .statistics import StopForward
+from .model import expert_count, set_tensor
+from .statistics import StopForward, map_routing
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ExpertSource:
     module_name: str        # the experts module, local to the block
     params: list            # its per-expert parameters (attribute names)
     size: int
-    store: torch.device
+    store: torch.device     # beside the activations: the device when they are on it, else the host
 
     def local(self, attr: str) -> str:
         return f"{self.module_name}.{attr}" if self.module_name else attr
@@ -73,8 +73,8 @@ def _to(v, device):
 class Calls:
     """The experts module's call of every batch of one pass: recorded in step 1, replayed in steps 2 and 3."""
 
-    def __init__(self, module: nn.Module, store: torch.device):
-        self.module, self.store = module, store
+    def __init__(self, store: torch.device):
+        self.store = store
         self.recorded: dict = {}    # batch -> (args, kwargs, sequences), on `store`
         self.outputs: dict = {}     # batch -> the experts' summed output, on `store`
         self.batch = None           # the batch the block loop is running (BlockLoop.forward_all sets it)
@@ -112,18 +112,9 @@ class Replaced:
 
 def in_group(args: tuple, kwargs: dict, group: tuple, count: int):
     """The call with its routing index re-indexed into `group` = (first, stop): its experts 0 .. size-1, every
-    other expert `count` (the index the expert loop skips). The index is the integer [tokens, k] tensor."""
-    hidden = hidden_of(args, kwargs)
-    tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+    other expert `count` (the index the expert loop skips)."""
     g0, g1 = group
-
-    def swap(v):
-        if torch.is_tensor(v) and v is not hidden and v.dim() == 2 and v.shape[0] == tokens and \
-                not v.is_floating_point():
-            inside = (v >= g0) & (v < g1)
-            return torch.where(inside, v - g0, torch.full_like(v, count))
-        return v
-    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+    return map_routing(args, kwargs, lambda v: torch.where((v >= g0) & (v < g1), v - g0, torch.full_like(v, count)))
 
 
 def groups(count: int, size: int) -> list[tuple]:
@@ -154,7 +145,7 @@ def sum_outputs(module: nn.Module, mine: list, src: ExpertSource, calls: Calls, 
     from the host tensors, its part of each recorded call's output added; `stop()` true raises `stopped`."""
     from .statistics import GroupStatistics
 
-    count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+    count = expert_count(module)
     shapes = {a: getattr(module, a).shape for a in src.params}
     for group in groups(count, src.size):
         if stop():
@@ -173,17 +164,22 @@ def sum_outputs(module: nn.Module, mine: list, src: ExpertSource, calls: Calls, 
 
 @torch.no_grad()
 def check_skips(module: nn.Module, name: str, params: list, hidden: int, dtype: torch.dtype) -> None:
-    """Refuse, before anything is written, an experts module whose loop does not skip the index `num_experts`:
-    its own forward on one token routed only there, with one zero expert as its parameters."""
-    count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+    """Refuse, before anything is written, an experts module that cannot run one group: its own forward on a group
+    of expert 0 alone (all-ones matrices) with two tokens routed to expert 1, re-indexed as a group run is; the
+    output must be exactly zero (expert 1 skipped, nothing computed)."""
+    count = expert_count(module)
     shapes = {a: getattr(module, a).shape for a in params}
     try:
         for a in params:
-            set_tensor(module, a, torch.zeros((1,) + tuple(shapes[a][1:]), dtype=dtype))
-        x = torch.zeros(1, hidden, dtype=dtype)
-        out = module(x, torch.full((1, 1), count, dtype=torch.long), torch.ones(1, 1, dtype=dtype))
+            set_tensor(module, a, torch.ones((1,) + tuple(shapes[a][1:]), dtype=dtype))
+        x = torch.ones(2, hidden, dtype=dtype)
+        args, kwargs = in_group((x, torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=dtype)), {}, (0, 1),
+                                count)
+        out = module(*args, **kwargs)
         if not torch.is_tensor(out) or out.shape != x.shape:
             raise RuntimeError("its output is not the hidden states' shape")
+        if bool(out.ne(0).any()):
+            raise RuntimeError("it computed an expert outside the group")
     except (RuntimeError, IndexError, TypeError, ValueError) as e:
         refuse_unsupported(e, name)
     finally:

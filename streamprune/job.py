@@ -22,7 +22,7 @@ from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
 from .groups import ExpertSource, check_skips
 from .model import StreamedModel, expert_parameters, experts_modules
-from .plan import check_disk, plan_job
+from .plan import check_disk, itemsize, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
@@ -75,6 +75,11 @@ class PruneJob:
             self._check_groups()  # before OUT is touched
         with MemoryMonitor(device=spec.device) as mon, (self.jobdir.locked() if rt.dist.main else nullcontext()):
             fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world)
+            if self.plan.expert_group and spec.pruner.updates_weights and \
+                    itemsize(spec.checkpoint_dtype) < itemsize(spec.dtype):
+                # grouped, such a pruner's experts propagate through their weights as written (groups.py): another
+                # output than whole blocks give, so a job is not resumed across the two
+                fp["options"]["experts_propagate_as_written"] = True
             self.state, resumed = rt.dist.agree(lambda: open_job(
                 self.jobdir, fp, stored_options(spec), self.n_blocks, restart=spec.options.restart,
                 overwrite=spec.options.overwrite, inputs=self.ckpt.identity(), event=self.obs.event))
@@ -159,8 +164,6 @@ class PruneJob:
     def _check_groups(self) -> None:
         """What streaming experts in groups does not do (yet), refused before anything is written."""
         spec, why = self.spec, None
-        if not self.plan.fits:
-            return  # the plan's own refusal comes first
         if spec.profile.sweeps or spec.profile.within_needs:
             why = f"with --sparsity-profile {spec.profile.name}"
         elif any(len(experts_modules(b)) > 1 for b in self.model.blocks):

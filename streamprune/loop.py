@@ -15,14 +15,8 @@ from torch import nn
 from .memory import trim
 from .errors import StreamPruneError
 from .groups import Calls, Replaced, group_call, groups, refuse_unsupported, sum_outputs
-from .model import all_finite, block_output, experts_modules, set_tensor, targets
+from .model import all_finite, block_output, expert_count, experts_modules, set_tensor, targets
 from .statistics import BlockStatistics, GroupStatistics, StopForward, _forced_routing
-
-
-def src_store(device: torch.device, acts) -> torch.device:
-    """Where recorded expert calls live: beside the activations (on the device when they are, else the host)."""
-    data = getattr(acts.inputs, "data", None)
-    return data.device if data is not None else torch.device("cpu")
 
 
 TRIM_ELEMENTS = 1 << 20  # a malloc_trim costs about 1 ms: worth it after a workspace of several MB, per linear
@@ -168,8 +162,7 @@ class BlockLoop:
             self.prune_targets(i, stats.targets if stats else targets(block), stats, self.within(sparsity, stats),
                                sparsity, want_masks, result)
         del stats
-        result.experts = sum(next(p for p in m.parameters(recurse=False) if p.dim() == 3).shape[0]
-                             for m in experts_modules(block).values())
+        result.experts = sum(expert_count(m) for m in experts_modules(block).values())
         if self.pruner.needs_data:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")
@@ -235,10 +228,10 @@ class BlockLoop:
             with self.obs.phase("prune", self.device):
                 self.prune_targets(i, [t for t in targets(block) if others(t)], None, {}, sparsity, want_masks,
                                    result)
-            result.experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+            result.experts = expert_count(module)
             return result
         with self.obs.phase("statistics", self.device):
-            calls = self._record(block, i, acts, module, "experts input")
+            calls = self._record(block, i, acts, module, src, "experts input")
         with self.obs.phase("experts", self.device):  # statistics and prune, group by group
             self._groups(i, module, mine, src, calls, sparsity, result)
         with self.obs.phase("statistics", self.device):
@@ -248,18 +241,18 @@ class BlockLoop:
         with self.obs.phase("prune", self.device):
             self.prune_targets(i, stats.targets, stats, {}, sparsity, want_masks, result)
         del stats, calls
-        result.experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        result.experts = expert_count(module)
         with self.obs.phase("propagate", self.device):
-            calls = self._record(block, i, acts, module, "experts input")
+            calls = self._record(block, i, acts, module, src, "experts input")
             sum_outputs(module, mine, src, calls, self.device, lambda: self.rt.signal_pending, Stopped)
             with Replaced(module, calls.replay):
                 self.forward_all(block, i, acts, "propagate")
             self.calls = None
         return result
 
-    def _record(self, block: nn.Module, i: int, acts, module: nn.Module, desc: str) -> Calls:
+    def _record(self, block: nn.Module, i: int, acts, module: nn.Module, src, desc: str) -> Calls:
         """Step 1: every batch's call of the experts module, the block stopped there."""
-        self.calls = Calls(module, src_store(self.device, acts))
+        self.calls = Calls(src.store)
         with Replaced(module, self.calls.record):
             self.forward_all(block, i, acts, desc, outputs=False)
         return self.calls
@@ -268,7 +261,7 @@ class BlockLoop:
                 result: BlockResult) -> None:
         """Step 2 of the dense pass, group by group: the group's parameters on the device; its experts' statistics
         and summed output from the recorded calls (none for magnitude); pruned and written back."""
-        count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        count = expert_count(module)
         shapes = {a: getattr(module, a).shape for a in src.params}
         for group in groups(count, src.size):
             if self.rt.signal_pending:

@@ -286,9 +286,14 @@ class Target:
         return w.shape[-1] if self.experts is None or not self.transposed else w.shape[1]
 
 
+def expert_count(module: nn.Module) -> int:
+    """How many experts an experts module holds: the first dimension of its 3-D parameters."""
+    return next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+
+
 def expert_parameters(module: nn.Module) -> list[str]:
     """The parameters of an experts module that hold one slice per expert (its matrices, and biases if any)."""
-    count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+    count = expert_count(module)
     return [a for a, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == count]
 
 
@@ -310,7 +315,7 @@ def targets(block: nn.Module) -> list[Target]:
     gates = set()
     for name, mod in experts.items():
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        count = next(p.shape[0] for p in mod.parameters(recurse=False) if p.dim() == 3)
+        count = expert_count(mod)
         for sib_name, sib in block.named_modules():
             if (isinstance(sib, nn.Linear) and (sib_name.rsplit(".", 1)[0] if "." in sib_name else "") == parent
                     and sib.out_features in (count, 1)):

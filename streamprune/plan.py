@@ -150,10 +150,11 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
                      compute_itemsize=compute_itemsize, device_type=device_type, tier=tier, gpu_free=gpu_free,
                      host_free=host_free, checkpoint_bytes=checkpoint_bytes, needs_activations=needs_activations,
                      snapshot=snapshot, ranks=ranks, needs=needs)
-    if expert_group:
+    if expert_group:  # the size asked for; read-ahead dropped if that is what makes it fit
         g = min(expert_group, shape.experts)
         best = grouped(g, overlap)
-        return best if best.fits or not overlap else max(best, grouped(g, False), key=lambda p: p.fits)
+        alone = grouped(g, False) if overlap and not best.fits else best
+        return alone if alone.fits else best
     def largest(ov):
         lo, hi = 1, shape.experts - 1  # the largest group that fits (peaks grow with the group)
         if not grouped(lo, ov).fits:

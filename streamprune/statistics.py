@@ -355,20 +355,37 @@ class BlockStatistics(_Gathered):
         return False
 
 
-def _forced_routing(args: tuple, kwargs: dict, experts: list[int]):
-    """The experts module's call with every token routed to `experts` (weight 1 each): its routing index is
-    the integer [tokens, k] tensor among the arguments, its weights the float one of the same shape."""
+def map_routing(args: tuple, kwargs: dict, index_fn, weights_fn=None):
+    """An experts module's call with its routing replaced: the routing index is the one integer [tokens, k] tensor
+    among the arguments (refused unless there is exactly one), its weights the float tensor of the same shape.
+    `index_fn(index)` and `weights_fn(weights)` give the new ones."""
     hidden = args[0] if args else kwargs["hidden_states"]
     tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
-    index = torch.tensor(experts, device=hidden.device).expand(tokens, len(experts))
+    found = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v is not hidden and v.dim() == 2
+             and v.shape[0] == tokens and not v.is_floating_point()]
+    if len(found) != 1:
+        raise StreamPruneError(f"the experts module is called with {len(found)} integer [tokens, k] tensors, not one "
+                               f"routing index: streamprune cannot route its tokens; not supported")
+    index = found[0]
 
     def swap(v):
-        if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == tokens and v is not hidden:
-            if not v.is_floating_point():
-                return index.to(v.dtype)
-            return torch.ones(tokens, len(experts), dtype=v.dtype, device=v.device)
+        if v is index:
+            return index_fn(v)
+        if weights_fn is not None and torch.is_tensor(v) and v is not hidden and v.is_floating_point() \
+                and v.shape == index.shape:
+            return weights_fn(v)
         return v
     return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+def _forced_routing(args: tuple, kwargs: dict, experts: list[int]):
+    """The experts module's call with every token routed to `experts` (weight 1 each)."""
+    def index(v):
+        return torch.tensor(experts, dtype=v.dtype, device=v.device).expand(v.shape[0], len(experts))
+
+    def weights(v):
+        return torch.ones(v.shape[0], len(experts), dtype=v.dtype, device=v.device)
+    return map_routing(args, kwargs, index, weights)
 
 
 class GroupStatistics(_Gathered):

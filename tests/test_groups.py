@@ -185,3 +185,32 @@ def test_streamed_eval_with_expert_groups_is_the_whole_blocks(family, tmp_path):
     assert math.isclose(grouped["nll"], nll, rel_tol=1e-5)
     res = CliRunner().invoke(main, ["eval", str(model), "--text", str(tmp_path / "none.txt"), "--expert-group", "-1"])
     assert res.exit_code == 2 and "--expert-group" in res.output
+
+
+def test_groups_of_a_weight_updating_method_on_a_narrower_checkpoint_are_another_job(calib, tmp_path):
+    """SparseGPT on a bf16 checkpoint computed in float32: grouped, its experts propagate through the bf16 weights
+    as written, whole blocks through their float32 values. The outputs differ, so OUT from one is not resumed or
+    completed by the other; Wanda's are the same job either way."""
+    model = wide_qwen3(tmp_path / "m", dtype=torch.bfloat16)
+    args = ["prune", str(model), str(tmp_path / "out"), "--calib", str(calib), "--nsamples", "8", "--seqlen", "32",
+            "--no-progress"]
+    assert CliRunner().invoke(main, args + ["--method", "sparsegpt", "--expert-group", "3"]).exit_code == 0
+    res = CliRunner().invoke(main, args + ["--method", "sparsegpt"])
+    assert res.exit_code == 2 and "experts_propagate_as_written" in res.output
+    args[2] = str(tmp_path / "wanda")
+    assert CliRunner().invoke(main, args + ["--expert-group", "3"]).exit_code == 0
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and "already complete" in res.output
+
+
+def test_routing_index_must_be_unambiguous():
+    from streamprune.errors import StreamPruneError
+    from streamprune.groups import in_group
+
+    x, idx = torch.zeros(4, 8), torch.tensor([[0, 5], [1, 2], [7, 3], [4, 4]])
+    (got, index, w), _ = in_group((x, idx, torch.ones(4, 2)), {}, (2, 5), 8)
+    assert index.tolist() == [[8, 8], [8, 0], [8, 1], [2, 2]] and got is x
+    with pytest.raises(StreamPruneError, match="2 integer"):
+        in_group((x, idx, idx.clone()), {}, (0, 2), 8)
+    with pytest.raises(StreamPruneError, match="0 integer"):
+        in_group((x, idx.t()), {}, (0, 2), 8)
