@@ -17,6 +17,7 @@ counts, medians are recorded too. The outputs are compared tensor by tensor. Run
 
     python benchmarks/throughput.py                        # 3 rounds
     python benchmarks/throughput.py --rounds 1 --nsamples 4 --seqlen 64    # a quick check
+    python benchmarks/throughput.py --sides streamprune streamprune@/tmp/old in_memory   # A/B against a copy
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def run_in_memory(model_dir: str, out: str, calib: str, nsamples: int, seqlen: i
 
 
 def side_command(side: str, model_dir: Path, out: Path, calib: Path, nsamples: int, seqlen: int) -> list[str]:
-    if side == "streamprune":
-        return [sys.executable, "-m", "streamprune", "prune", str(model_dir), str(out), "--calib", str(calib),
-                "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--dtype", "float32", "--device", "cpu",
-                "--no-progress", "--json"]
+    if side.split("@")[0] == "streamprune":  # "streamprune@DIR": the package in DIR (a change against the last)
+        env = ["env", f"PYTHONPATH={side.split('@', 1)[1]}"] if "@" in side else []
+        return env + [sys.executable, "-m", "streamprune", "prune", str(model_dir), str(out), "--calib", str(calib),
+                      "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--dtype", "float32", "--device", "cpu",
+                      "--no-progress", "--json"]
     if side == "in_memory":
         return [sys.executable, str(Path(__file__).resolve()), "_in_memory", str(model_dir), str(out), str(calib),
                 str(nsamples), str(seqlen)]
@@ -181,12 +183,13 @@ def main(argv=None) -> int:
         round_order = sides[r % len(sides):] + sides[:r % len(sides)]
         order.append(round_order)
         for side in round_order:
-            res = timed(side_command(side, model_dir, work / side, calib, a.nsamples, a.seqlen), work / side)
+            out = work / side.replace("/", "_")  # "streamprune@/a/b" names a folder inside work, never /a/b
+            res = timed(side_command(side, model_dir, out, calib, a.nsamples, a.seqlen), out)
             runs[side].append(res)
             print(f"round {r}: {side:<15} {res['seconds']:6.2f} s, cpu {res['cpu_seconds']:6.2f} s "
                   f"(load {res['loadavg_before']:.2f})",
                   file=sys.stderr, flush=True)
-    checks = {f"{s} vs streamprune": compare(work / "streamprune", work / s) for s in sides if s != "streamprune"}
+    checks = {f"{s} vs streamprune": compare(work / "streamprune", work / s.replace("/", "_")) for s in sides if s != "streamprune"}
     best = {s: min(x["seconds"] for x in v) for s, v in runs.items()}
     result = {
         "job": {"model": "SmolLM2-135M (demo build, bf16)", "calibration": f"{a.nsamples} x {a.seqlen} WikiText-2 valid "
