@@ -62,16 +62,18 @@ def fp8_block(config) -> tuple | None:
     return None
 
 
+def _tiles(scale: torch.Tensor, block: tuple, shape) -> torch.Tensor:
+    """The scale of every entry: tiles over the last two dims (a fused experts tensor has one grid per expert)."""
+    rows, cols = shape[-2:]
+    return scale.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple, dtype: torch.dtype) -> torch.Tensor:
-    rows, cols = codes.shape
-    s = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (codes.float() * s).to(dtype)
+    return (codes.float() * _tiles(scale, block, codes.shape)).to(dtype)
 
 
 def quantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple) -> torch.Tensor:
-    rows, cols = weight.shape
-    s = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (weight.float() / s).to(FP8)
+    return (weight.float() / _tiles(scale, block, weight.shape)).to(FP8)
 
 
 class Layout:

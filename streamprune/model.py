@@ -451,17 +451,16 @@ class StreamedModel:
     # ------------------------------------------------------------------ tensors in and out
 
     def _group_pieces(self, name: str, host: dict, group: tuple) -> list:
-        """(piece, its source) of experts `group` = (first, stop) of parameter `name`, each piece re-indexed into a
-        tensor holding only those experts: a per-expert tensor as it is, a fused one sliced."""
+        """(piece, its source, the source's FP8 scales or None) of experts `group` = (first, stop) of parameter
+        `name`, each piece re-indexed into a tensor holding only those experts: a per-expert tensor as it is, a
+        fused one (and its scales) sliced."""
         g0, g1 = group
         out = []
         for p in self.layout.pieces[name]:
             if p.expert is None:
-                if p.scale:
-                    raise StreamPruneError(f"{name}: FP8 experts stored fused cannot be streamed in groups")
-                out.append((p, host[p.name][g0:g1]))
+                out.append((p, host[p.name][g0:g1], host[p.scale][g0:g1] if p.scale else None))
             elif g0 <= p.expert < g1:
-                out.append((replace(p, expert=p.expert - g0), host[p.name]))
+                out.append((replace(p, expert=p.expert - g0), host[p.name], host[p.scale] if p.scale else None))
         return out
 
     def group_value(self, name: str, host: dict, group: tuple) -> torch.Tensor:
@@ -471,9 +470,9 @@ class StreamedModel:
         first = pieces[0][1]
         dtype = self.dtype if (first.is_floating_point() or pieces[0][0].scale) else first.dtype
         value = torch.empty((group[1] - group[0],) + tuple(self.shapes[name][1:]), dtype=dtype, device=self.device)
-        for p, t in pieces:
+        for p, t, scale in pieces:
             if p.scale:
-                t = dequantize(t, host[p.scale], p.block, dtype)
+                t = dequantize(t, scale, p.block, dtype)
             p.region(value).copy_(t, non_blocking=True)
         if not all_finite(value):
             raise StreamPruneError(f"{self.ckpt.path}: tensor {name} holds NaN or Inf values (or does not fit in "
@@ -488,9 +487,9 @@ class StreamedModel:
         """Experts `group` of parameter `name`, pruned, back into the block's host tensors in the checkpoint's
         layout and dtypes, by block_tensors' rules: FP8 codes re-encoded with their scales, an original the
         compute dtype cannot represent zeroed where `mask` says (unless recomputed), else the computed values."""
-        for p, t in self._group_pieces(name, host, group):
+        for p, t, scale in self._group_pieces(name, host, group):
             if p.scale:
-                host[p.name] = quantize(p.region(value).cpu(), host[p.scale], p.block)
+                t.copy_(quantize(p.region(value).cpu(), scale, p.block))  # in place: a fused tensor's slice too
             elif not exact_cast(t.dtype, value.dtype) and not recomputed:
                 t.masked_fill_(p.region(mask).to(t.device), 0)
             else:

@@ -22,7 +22,39 @@ def test_fp8_round_trip(structure, fp8, ids_file, tmp_path):
     kw = dict(calib=str(ids_file), nsamples=8, seqlen=32, progress=False, structure=structure, dtype="float32")
     streamprune.prune(q, tmp_path / "out", **kw)
     streamprune.prune(twin, tmp_path / "twin-out", **kw)
-    src, got, ref = tensors(q), tensors(tmp_path / "out"), tensors(tmp_path / "twin-out")
+    same_as_twin(q, tmp_path / "out", tmp_path / "twin-out")
+    from streamprune.report import report
+
+    a, b = report(tmp_path / "out"), report(tmp_path / "twin-out")   # FP8 zeros read from the codes' bits
+    assert a["overall"] == pytest.approx(b["overall"], abs=1e-4) and a["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert [blk["nm_2_4"] for blk in a["blocks"]] == [blk["nm_2_4"] for blk in b["blocks"]]
+
+
+def test_fp8_fused_experts(tmp_path):
+    """Experts stored fused (one 3-D FP8 tensor per projection, one grid of tiles per expert): dequantized and
+    re-encoded per expert, whole blocks and in groups."""
+    from test_moe import make_moe
+    from tiny import write_ids
+
+    calib = write_ids(tmp_path / "ids.jsonl", 8, 32)
+    q = quantize_fp8(make_moe(tmp_path / "src", "qwen3_moe", fused=True), tmp_path / "fp8", block=(16, 16))
+    twin = dequantized_twin(q, tmp_path / "twin")
+    kw = dict(calib=str(calib), nsamples=8, seqlen=32, progress=False, dtype="float32", expert_min_tokens=0)
+    streamprune.prune(q, tmp_path / "out", **kw)
+    streamprune.prune(twin, tmp_path / "twin-out", **kw)
+    got = same_as_twin(q, tmp_path / "out", tmp_path / "twin-out")
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    assert got[fused].dtype == torch.float8_e4m3fn and got[fused].dim() == 3
+    assert float((got[fused].view(torch.uint8) == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    streamprune.prune(q, tmp_path / "groups", expert_group=3, **kw)
+    grouped = tensors(tmp_path / "groups")
+    assert all(torch.equal(grouped[k].view(torch.uint8), got[k].view(torch.uint8)) for k in got)
+
+
+def same_as_twin(q, out, twin_out) -> dict:
+    """The FP8 output against pruning the dequantized twin in float32: masks agree, every kept code and scale as
+    it was, +0 codes only, the same size."""
+    src, got, ref = tensors(q), tensors(out), tensors(twin_out)
     assert set(got) == set(src)
     agree = total = 0
     for name, t in src.items():
@@ -42,12 +74,8 @@ def test_fp8_round_trip(structure, fp8, ids_file, tmp_path):
         assert not bool((codes == 0x80).any()), name             # +0, never -0
     assert agree / total >= 0.9999, (agree, total)
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
-    assert abs(size(tmp_path / "out") - size(q)) < 4096  # the same size (headers aside)
-    from streamprune.report import report
-
-    a, b = report(tmp_path / "out"), report(tmp_path / "twin-out")   # FP8 zeros read from the codes' bits
-    assert a["overall"] == pytest.approx(b["overall"], abs=1e-4) and a["overall"] == pytest.approx(0.5, abs=1e-3)
-    assert [blk["nm_2_4"] for blk in a["blocks"]] == [blk["nm_2_4"] for blk in b["blocks"]]
+    assert abs(size(out) - size(q)) < 4096  # the same size (headers aside)
+    return got
 
 
 def test_fp8_output_loads_where_the_input_loads(tiny_models, ids_file, tmp_path):

@@ -119,10 +119,25 @@ def real_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
 
 
+def _shards(dst: Path):
+    """(shard names, the index or None) of a checkpoint folder: sharded with an index, or one model.safetensors."""
+    index_path = dst / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    return ["model.safetensors"], None
+
+
+def _full_scale(scale: torch.Tensor, block, shape) -> torch.Tensor:
+    rows, cols = shape[-2:]
+    return scale.repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+
+
 def quantize_fp8(src: Path, dst: Path, block=(32, 32)) -> Path:
     """A block-scaled FP8 twin of a checkpoint, as DeepSeek-V3 and the Qwen3 FP8 releases store theirs: every
     2-D weight inside the decoder blocks as float8_e4m3fn codes plus a float32 `weight_scale_inv` per tile
-    (amax / 448), everything else as it was, and `quantization_config` in config.json."""
+    (amax / 448), everything else as it was, and `quantization_config` in config.json. Fused 3-D experts
+    tensors (`mlp.experts.gate_up_proj`) get one grid of tiles per expert (`gate_up_proj_scale_inv`)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -132,27 +147,27 @@ def quantize_fp8(src: Path, dst: Path, block=(32, 32)) -> Path:
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic",
                                   "fmt": "e4m3"}
     (dst / "config.json").write_text(json.dumps(cfg))
-    index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    for shard in sorted(set(index["weight_map"].values())):
+    shards, index = _shards(dst)
+    for shard in shards:
         tensors = load_file(dst / shard)
         out = {}
         for name, t in tensors.items():
-            if ".layers." in name and name.endswith(".weight") and t.dim() == 2:
-                rows, cols = t.shape
+            if ".layers." in name and ((name.endswith(".weight") and t.dim() == 2) or t.dim() == 3):
+                *lead, rows, cols = t.shape
                 r, c = -(-rows // block[0]), -(-cols // block[1])
-                padded = torch.zeros(r * block[0], c * block[1])
-                padded[:rows, :cols] = t.float()
-                tiles = padded.reshape(r, block[0], c, block[1]).abs().amax(dim=(1, 3))
+                padded = torch.zeros(*lead, r * block[0], c * block[1])
+                padded[..., :rows, :cols] = t.float()
+                tiles = padded.reshape(*lead, r, block[0], c, block[1]).abs().amax(dim=(-3, -1))
                 scale = (tiles / 448.0).clamp_min(1e-12)
-                full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-                out[name] = (t.float() / full).to(torch.float8_e4m3fn)
+                out[name] = (t.float() / _full_scale(scale, block, t.shape)).to(torch.float8_e4m3fn)
                 out[name + "_scale_inv"] = scale.float()
-                index["weight_map"][name + "_scale_inv"] = shard
+                if index:
+                    index["weight_map"][name + "_scale_inv"] = shard
             else:
                 out[name] = t
         save_file(out, dst / shard, metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index))
+    if index:
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return dst
 
 
@@ -166,21 +181,19 @@ def dequantized_twin(src: Path, dst: Path) -> Path:
     cfg = json.loads((dst / "config.json").read_text())
     block = cfg.pop("quantization_config")["weight_block_size"]
     (dst / "config.json").write_text(json.dumps(cfg))
-    index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    for shard in sorted(set(index["weight_map"].values())):
+    shards, index = _shards(dst)
+    for shard in shards:
         tensors = load_file(dst / shard)
         out = {}
         for name, t in tensors.items():
             if name.endswith("_scale_inv"):
-                index["weight_map"].pop(name)
+                if index:
+                    index["weight_map"].pop(name)
                 continue
             if t.dtype == torch.float8_e4m3fn:
-                s = tensors[name + "_scale_inv"]
-                rows, cols = t.shape
-                full = s.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-                t = t.float() * full
+                t = t.float() * _full_scale(tensors[name + "_scale_inv"], block, t.shape)
             out[name] = t
         save_file(out, dst / shard, metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index))
+    if index:
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return dst
