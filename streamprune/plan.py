@@ -15,11 +15,9 @@ from torch import nn
 
 from .units import GiB, parse_size
 
+from .methods.base import BYTES_PER_METRIC_ELEMENT, Method
+
 WORKSPACE_BYTES = 512 * 1024 ** 2   # target transient of the metric + sort of one row chunk
-# the selection of one row chunk (methods.base.select): the float32 metric, topk's values and int64 indices for up to
-# a whole row, one comparison; measured 14.2 bytes per element at 50% on a 4096 x 11008 matrix (mask included),
-# rounded up (17 before overstated a 1536 x 6144 prune's peak by 15%: tests/test_plan.py)
-BYTES_PER_METRIC_ELEMENT = 15
 HOST_HEADROOM = 0.85  # fraction of available host memory the activation cache may take
 
 
@@ -37,6 +35,7 @@ class BlockShape:
     kv_heads: int
     head_dim: int
     stat_inputs: tuple = ()  # in_features of each distinct linear input (q/k/v share one, gate/up another)
+    linear_shapes: tuple = ()  # each distinct (out, in) of the block's linears (one expert's for experts)
     experts: int = 0         # Mixture-of-Experts: experts in the block's experts module (0: a dense block)
     expert_params: int = 0   # parameters of one expert (its slice of every per-expert parameter)
     expert_inputs: tuple = ()  # in_features of one expert's matrices
@@ -68,6 +67,7 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
         expert_inputs=tuple(t.in_features for t in found if t.experts),
         params=sum(p.numel() for p in block.parameters()),
         largest_linear=(int(largest[0]), int(largest[1])),
+        linear_shapes=tuple(sorted({(int(a), int(b)) for a, b in shapes})),
         hidden=text.hidden_size,
         intermediate=max(int(s[0]) for s in shapes),
         heads=heads,
@@ -93,7 +93,7 @@ class Plan:
     block_bytes_compute: int        # one block in the compute dtype on the compute device
     activation_buffer_bytes: int    # one of the two buffers [nsamples/ranks, seqlen, hidden]
     forward_transient_bytes: int    # live set inside one block forward for one micro-batch
-    workspace_bytes: int            # prune phase of the largest linear: its mask + max(metric/sort chunk, mask count copy)
+    workspace_bytes: int            # prune phase of the linear that needs most (the method's workspace_bytes)
     statistics_bytes: int           # Hessians (SparseGPT) held from the dense pass to the prune phase
     row_chunk: int
     tier: str                       # where the activation buffers live: gpu, cpu or disk
@@ -112,8 +112,6 @@ class Plan:
 PROCESS_BASE = 450 * 1024 ** 2   # python + torch + transformers + the meta skeleton, measured here: 350-450 MiB
 CUDA_CONTEXT = 600 * 1024 ** 2   # CUDA context and kernels on the device, outside torch's allocator
 GPU_SLACK = 1.08                 # caching-allocator fragmentation
-MASK_COUNT_BYTES = 0             # counting a mask's zeros with count_nonzero() makes no copy (mask.sum() made an
-                                 # int64 one, measured 1.88 GB for an 8192 x 28672 mask, before the pipeline switched)
 
 
 def forward_transient(shape: BlockShape, seqlen: int, batch: int, itemsize: int, sdpa: bool = True) -> int:
@@ -131,7 +129,7 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
               compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None, host_free: int,
               checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True, ranks: int = 1,
               needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None,
-              expert_group: int = 0, overlap: bool = True) -> Plan:
+              expert_group: int = 0, overlap: bool = True, method: Method | None = None) -> Plan:
     """Predict the peaks of one rank. `gpu_free`/`host_free` are what the job may use (after any cap).
 
     A block with experts that does not fit whole (or `expert_group` > 0: that many experts per group) is planned
@@ -141,7 +139,7 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
                   ckpt_itemsize=ckpt_itemsize, compute_itemsize=compute_itemsize, device_type=device_type, tier=tier,
                   gpu_free=gpu_free, host_free=host_free, checkpoint_bytes=checkpoint_bytes,
                   needs_activations=needs_activations, snapshot=snapshot, ranks=ranks, needs=needs,
-                  hessian_inputs=hessian_inputs)
+                  hessian_inputs=hessian_inputs, method=method)
     if not shape.experts or (whole.fits and not expert_group) or hessian_inputs is not None:
         return whole
 
@@ -149,7 +147,7 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
         return _plan(shape, g, ov, nsamples=nsamples, seqlen=seqlen, batch=batch, ckpt_itemsize=ckpt_itemsize,
                      compute_itemsize=compute_itemsize, device_type=device_type, tier=tier, gpu_free=gpu_free,
                      host_free=host_free, checkpoint_bytes=checkpoint_bytes, needs_activations=needs_activations,
-                     snapshot=snapshot, ranks=ranks, needs=needs)
+                     snapshot=snapshot, ranks=ranks, needs=needs, method=method)
     if expert_group:  # the size asked for; read-ahead dropped if that is what makes it fit
         g = min(expert_group, shape.experts)
         best = grouped(g, overlap)
@@ -174,17 +172,25 @@ def make_plan(shape: BlockShape, *, nsamples: int, seqlen: int, batch: int, ckpt
 def _plan(shape: BlockShape, group: int, overlap: bool, *, nsamples: int, seqlen: int, batch: int,
           ckpt_itemsize: int, compute_itemsize: int, device_type: str, tier: str, gpu_free: int | None,
           host_free: int, checkpoint_bytes: int, needs_activations: bool = True, snapshot: bool = True,
-          ranks: int = 1, needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None) -> Plan:
+          ranks: int = 1, needs: frozenset = frozenset({"sq_norm"}), hessian_inputs: tuple | None = None,
+          method: Method | None = None) -> Plan:
     local = -(-nsamples // ranks)
     block_ckpt = shape.params * ckpt_itemsize
     block_compute = shape.params * compute_itemsize
     act = local * seqlen * shape.hidden * compute_itemsize if needs_activations else 0
     transient = forward_transient(shape, seqlen, batch, compute_itemsize) if needs_activations else 0
     out_f, in_f = shape.largest_linear
-    chunk = min(out_f, row_chunk(in_f))
-    # the prune phase of the largest linear: its bool mask, plus either the metric + sort of one row chunk or the
-    # int64 copy of the mask that counting it with mask.sum() makes (whichever is larger; they are not live together)
-    workspace = max(chunk * in_f * BYTES_PER_METRIC_ELEMENT, MASK_COUNT_BYTES * out_f * in_f) + out_f * in_f
+    shapes = shape.linear_shapes or (shape.largest_linear,)
+    # one row chunk for every linear, sized for the widest input (not the largest matrix's: Mixtral's down
+    # projection has 2.7x the input of its larger gate/up, and would have taken 1.4 GB where 0.5 were planned)
+    chunk = min(max(o for o, _ in shapes), row_chunk(max(i for _, i in shapes)))
+    # the prune phase of the linear that needs most, by the method's own account (a selection's row chunk and mask;
+    # SparseGPT's and ADMM's factorizations grow with in^2, so their largest is the widest input, not the largest)
+    method = method or Method()
+    if hessian_inputs is not None:  # structured width: its own refit (width.py), not a method's matrix prune
+        workspace = Method().workspace_bytes(out_f, in_f, compute_itemsize, chunk)
+    else:
+        workspace = max(method.workspace_bytes(o, i, compute_itemsize, chunk) for o, i in shapes)
     # statistics held through the dense pass and the prune phase: Hessians (in^2 float32 per distinct input)
     # (`hessian_inputs` when the pruner says which: structured width's one down-projection input)
     widths = shape.stat_inputs if hessian_inputs is None else hessian_inputs
@@ -275,7 +281,8 @@ def plan_job(spec, blocks, ckpt) -> Plan:
                      checkpoint_bytes=sum(t.nbytes for t in ckpt.tensors.values()), needs_activations=spec.needs_data,
                      snapshot=o.snapshot_every > 0, needs=spec.pruner.needs,
                      hessian_inputs=spec.pruner.hessian_widths() if spec.structure.width else None,
-                     expert_group=o.expert_group, overlap=o.overlap)
+                     expert_group=o.expert_group, overlap=o.overlap,
+                     method=None if spec.structure.width else spec.pruner)
 
 
 def check_disk(plan: Plan, out, written: int) -> None:
@@ -343,7 +350,7 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(stored),
                   compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
                   needs_activations=method_named(method).needs_data, snapshot=snapshot, ranks=ranks,
-                  needs=method_named(method).needs)
+                  needs=method_named(method).needs, method=method_named(method))
     main = make_plan(shape, device_type=device, tier=activations, gpu_free=parse_size(gpu_memory), **common)
     cards = {}
     for gb in (8, 12, 16, 24):

@@ -1,7 +1,9 @@
 """The memory planner: config.json alone in, bytes out; and the tier choice it makes for prune."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,10 +182,64 @@ def test_expert_groups_shrink_to_the_card(config_dir):
 
 
 def test_admm_is_planned_as_sparsegpt(config_dir):
-    """ADMM keeps the same statistics (one Hessian per distinct input) and, with its row chunk scaled to its bytes
-    per element, a workspace inside the plan's: the same plan as SparseGPT, Hessians included."""
+    """ADMM keeps the same statistics as SparseGPT (one Hessian per distinct input); each has its own measured
+    workspace (test_method_workspace_is_what_the_prune_takes), above Wanda's: the factorization of the down
+    projection's 28672 x 28672 Hessian."""
     args = dict(gpu_memory="24GB", host_memory="64GB")
     admm = plan_for(config_dir("llama-2-70b"), method="admm", **args)["plan"]
     sgpt = plan_for(config_dir("llama-2-70b"), method="sparsegpt", **args)["plan"]
     wanda = plan_for(config_dir("llama-2-70b"), **args)["plan"]
-    assert admm == sgpt and admm["statistics_bytes"] > 0 == wanda["statistics_bytes"]
+    assert admm["statistics_bytes"] == sgpt["statistics_bytes"] > 0 == wanda["statistics_bytes"]
+    assert min(admm["workspace_bytes"], sgpt["workspace_bytes"]) > 2 * 28672 ** 2 * 4 > wanda["workspace_bytes"]
+    assert sgpt["fits"] and admm["fits"] and sgpt["peak_gpu_bytes"] <= 24 * GiB
+
+
+PRUNE_PEAK = """
+import sys, torch
+from streamprune.methods import method_named
+from streamprune.methods.admm import ADMM
+from streamprune.methods.base import Structure
+from streamprune.plan import row_chunk
+from streamprune.statistics import HessianStats
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+name, out, inp, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
+torch.manual_seed(0)
+x = torch.randn(2 * inp, inp)
+H = x.t() @ x / x.shape[0]
+del x
+w = torch.randn(out, inp).to(dtype)
+method = method_named(name) if name != "admm" else ADMM(iters=2, gradual=1)  # the same buffers as 20 iterations
+
+class Stats:  # what the block loop hands the method: the Hessian, whose memory the last user may reuse
+    hessian, last_use = HessianStats.__new__(HessianStats), True
+Stats.hessian.H, Stats.sq_norm = H, H.diagonal().clone()
+chunk = min(out, row_chunk(inp))
+open("/proc/self/clear_refs", "w").write("5")  # reset the kernel's high-water mark
+base = status("VmRSS")
+method.prune(w, Stats, 0.5, Structure(), chunk)
+print(status("VmHWM") - base, method.workspace_bytes(out, inp, w.element_size(), chunk))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("method,out,inp,dtype", [
+    ("sparsegpt", 1024, 6144, "float32"), ("sparsegpt", 3072, 3072, "bfloat16"),
+    ("admm", 1024, 6144, "float32"), ("admm", 3072, 3072, "bfloat16"), ("wanda", 3072, 3072, "float32")])
+def test_method_workspace_is_what_the_prune_takes(method, out, inp, dtype):
+    """The plan's workspace of one matrix against the peak RSS its prune adds, in a process of its own: at least
+    what is used less malloc's noise (10%; the same case measures up to 10 MB apart between runs) and at most 30%
+    above it. The factorizations of SparseGPT and ADMM (2-3 in x in float32) were left out before: 30% of the
+    peak of the 1024 x 6144 cases."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    res = subprocess.run([sys.executable, "-c", PRUNE_PEAK, method, str(out), str(inp), dtype], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    measured, planned = (int(v) for v in res.stdout.split())
+    assert 0.9 * measured <= planned <= 1.3 * measured, (measured / 2 ** 20, planned / 2 ** 20)

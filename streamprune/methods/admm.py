@@ -30,13 +30,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import StreamPruneError
-from .base import Method, Pruned, Structure, check_prunable, row_chunks, select
+from .sparsegpt import FACTORIZATION
+from .base import BYTES_PER_METRIC_ELEMENT, Method, Pruned, Structure, check_prunable, row_chunks, select
 
 
 # bytes per element of a row chunk at ADMM's peak (W0, V, U, Z as float32, 16, plus the selection's 15 while
-# `select` runs on them) against the 15 of a plain selection (plan.BYTES_PER_METRIC_ELEMENT): the loop's row
-# chunk is scaled by 15/31 so that ADMM's workspace stays inside the plan's (an estimate, not measured)
+# `select` runs on them) against the 15 of a plain selection (BYTES_PER_METRIC_ELEMENT): the loop's row chunk is
+# the plan's scaled by 15/31. Measured, a chunk takes about 58 bytes per element (temporaries of the float32
+# copies and malloc's heap beside the four buffers): `workspace_bytes` plans with that figure
 BYTES_PER_ELEMENT = 31
+MEASURED_BYTES_PER_ELEMENT = 58
 MIN_ROWS = 64  # rows per chunk at least: smaller products lose BLAS efficiency
 SMALL_ELEMENTS = 1 << 20  # a matrix up to 4 MiB in float32 is not split (its workspace is small beside the block)
 
@@ -50,15 +53,28 @@ class ADMM(Method):
         check_admm(iters, gradual, rho, damp)
         self.iters, self.gradual, self.rho, self.damp = iters, gradual, rho, damp
 
-    def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
-        from ..plan import BYTES_PER_METRIC_ELEMENT
+    def workspace_bytes(self, out, inp, itemsize, row_chunk) -> int:
+        """Measured (tests/test_plan.py), beside H: while factorizing, two in x in float32 and LAPACK's workspace
+        (as SparseGPT's); then the inverse, the result and the mask, and one row chunk's buffers."""
+        rows = chunk_rows(out, inp, self._chunk(row_chunk))
+        return int(max(FACTORIZATION * inp * inp * 4,
+                       inp * inp * 4 + out * inp * (itemsize + 1) + rows * inp * MEASURED_BYTES_PER_ELEMENT))
 
-        if row_chunk:
-            row_chunk = max(1, row_chunk * BYTES_PER_METRIC_ELEMENT // BYTES_PER_ELEMENT)
+    @staticmethod
+    def _chunk(row_chunk: int) -> int:
+        return max(1, row_chunk * BYTES_PER_METRIC_ELEMENT // BYTES_PER_ELEMENT) if row_chunk else 0
+
+    def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
+        row_chunk = self._chunk(row_chunk)
         new, mask = admm_prune(weight, stats.hessian.H, sparsity, structure, iters=self.iters,
                                gradual=self.gradual, rho=self.rho, damp=self.damp, row_chunk=row_chunk,
                                overwrite_H=stats.last_use)
         return Pruned(mask, new)
+
+
+def chunk_rows(out: int, inp: int, row_chunk: int) -> int:
+    """Rows per chunk of ADMM's loop: a small matrix whole, else at most a quarter of the rows (and `row_chunk`)."""
+    return out if out * inp <= SMALL_ELEMENTS else min(row_chunk or out, max(MIN_ROWS, -(-out // 4)))
 
 
 def check_admm(iters: int, gradual: int, rho: float, damp: float) -> None:
@@ -119,7 +135,7 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure
     mask = torch.zeros(out, inp, dtype=torch.bool, device=weight.device)
     # four float32 row chunks live at once (w0, U, Z, the product): for a large matrix a quarter of the rows at a
     # time keeps them at one float32 copy of W, SparseGPT's own working copy (a small one is done whole)
-    chunk = out if out * inp <= SMALL_ELEMENTS else min(row_chunk or out, max(MIN_ROWS, -(-out // 4)))
+    chunk = chunk_rows(out, inp, row_chunk)
     zero = torch.zeros((), device=weight.device)
     for rows in row_chunks(out, chunk):
         w0 = weight[rows].float() * d.reshape(1, -1)

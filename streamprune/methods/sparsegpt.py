@@ -10,10 +10,23 @@ from ..errors import StreamPruneError
 from .base import Method, Pruned, Structure, check_prunable
 
 
+FACTORIZATION = 2.25  # in x in float32 matrices live at once while H is factorized and inverted (measured)
+
+
 class SparseGPT(Method):
     name = "sparsegpt"
     needs = frozenset({"hessian"})
     updates_weights = True
+
+    def workspace_bytes(self, out, inp, itemsize, row_chunk) -> int:
+        """Measured (tests/test_plan.py), beside H: while factorizing, W's float32 working copy and two in x in
+        float32 (a Cholesky factor beside H's working copy, then the inverse beside its factor) plus LAPACK's
+        workspace (a quarter more, measured); then the inverse factor, W, the update of the columns after each
+        block and the mask (9 bytes per entry), the result in a narrower weight dtype, and about a dozen
+        [out, 128] float32 temporaries of the column block."""
+        factorizing = out * inp * 4 + FACTORIZATION * inp * inp * 4
+        updating = inp * inp * 4 + out * inp * (9 + (itemsize if itemsize != 4 else 0)) + 12 * out * 128 * 4
+        return int(max(factorizing, updating))
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
         # once no other linear shares this Hessian, its memory is reused for the factorization
