@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .units import GiB, parse_size
-
 from .methods.base import BYTES_PER_METRIC_ELEMENT, Method
+from .units import GiB, parse_size
 
 WORKSPACE_BYTES = 512 * 1024 ** 2   # target transient of the metric + sort of one row chunk
 HOST_HEADROOM = 0.85  # fraction of available host memory the activation cache may take
@@ -182,7 +181,7 @@ def _plan(shape: BlockShape, group: int, overlap: bool, *, nsamples: int, seqlen
     out_f, in_f = shape.largest_linear
     shapes = shape.linear_shapes or (shape.largest_linear,)
     # one row chunk for every linear, sized for the widest input (not the largest matrix's: Mixtral's down
-    # projection has 2.7x the input of its larger gate/up, and would have taken 1.4 GB where 0.5 were planned)
+    # projection has 2.7x the input of its larger fused gate/up, and took 1.5 GB where 0.7 were planned)
     chunk = min(max(o for o, _ in shapes), row_chunk(max(i for _, i in shapes)))
     # the prune phase of the linear that needs most, by the method's own account (a selection's row chunk and mask;
     # SparseGPT's and ADMM's factorizations grow with in^2, so their largest is the widest input, not the largest)
