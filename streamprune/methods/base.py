@@ -141,6 +141,10 @@ class Refinement:
     name = ""
     needs: frozenset = frozenset()
 
+    def workspace_bytes(self, out: int, inp: int, itemsize: int, row_chunk: int) -> int:
+        """Peak transient bytes of refining one [out, inp] mask (after the method's workspace is freed)."""
+        return 0
+
     def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats, structure: Structure,
                row_chunk: int) -> torch.Tensor:
         raise NotImplementedError
@@ -193,7 +197,8 @@ class Pruner:
         return self.method.updates_weights
 
     def workspace_bytes(self, out: int, inp: int, itemsize: int, row_chunk: int) -> int:
-        return self.method.workspace_bytes(out, inp, itemsize, row_chunk)
+        refined = self.refinement.workspace_bytes(out, inp, itemsize, row_chunk) if self.refinement else 0
+        return max(self.method.workspace_bytes(out, inp, itemsize, row_chunk), refined)
 
     def prune(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, row_chunk: int) -> Pruned:
         result = self.method.prune(weight, stats, sparsity, structure, row_chunk)
