@@ -86,7 +86,7 @@ class _Evaluator(StreamedModel):
                   expert_group: int = 0) -> None:
         """Replace `hidden` in place by block i's outputs (its experts `expert_group` at a time when given)."""
         found = experts_modules(self.blocks[i]) if expert_group else {}
-        if len(found) == 1:
+        if found:  # one experts module per block: evaluate's check_blocks
             return self._run_grouped(i, hidden, kwargs, batches, progress, expert_group, *next(iter(found.items())))
         block, _ = self.load_block(i)
         try:
@@ -188,6 +188,12 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
     with collect_new_only(), MemoryMonitor(device=dev) as mon:
         model = _Evaluator(info.config, ckpt, dev, compute)
         model.check()
+        if expert_group:
+            from .groups import check_blocks
+
+            why = check_blocks(model.blocks, info.text.hidden_size, compute)
+            if why:
+                raise StreamPruneError(f"--expert-group: experts streamed in groups are not supported {why}")
         n = data.shape[0]
         batches = [(j, min(n, j + batch_size)) for j in range(0, n, batch_size)]
         hidden, kwargs = model.capture_inputs(data, batches)

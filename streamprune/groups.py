@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import StreamPruneError
 from .memory import trim
-from .model import expert_count, set_tensor
+from .model import expert_count, expert_parameters, experts_modules, set_tensor
 from .statistics import StopForward, map_routing
 
 
@@ -138,28 +138,47 @@ def group_call(module: nn.Module, calls: Calls, k: int, stats, group: tuple, cou
     calls.outputs[k] = acc if acc.device == calls.store else acc.to(calls.store)
 
 
-@torch.no_grad()
-def sum_outputs(module: nn.Module, mine: list, src: ExpertSource, calls: Calls, device, stop=lambda: False,
-                stopped=Exception) -> None:
-    """Step 2 without statistics or pruning (the propagation, the streamed evaluation): every group read back
-    from the host tensors, its part of each recorded call's output added; `stop()` true raises `stopped`."""
-    from .statistics import GroupStatistics
-
-    count = expert_count(module)
+def each_group(module: nn.Module, src: ExpertSource, stop=lambda: False, stopped=Exception):
+    """Every group of the module's experts in turn: yields (first, stop) with the group's slices, read from the
+    host tensors, as the module's parameters on the device; afterwards the parameters go back to meta and the
+    host's freed pages to the OS. `stop()` true before a group raises `stopped`."""
     shapes = {a: getattr(module, a).shape for a in src.params}
-    for group in groups(count, src.size):
+    for group in groups(expert_count(module), src.size):
         if stop():
             raise stopped
         for a in src.params:
             set_tensor(module, a, src.value(a, group))
+        yield group
+        for a in src.params:
+            set_tensor(module, a, torch.empty(shapes[a], device="meta"))
+        trim()
+
+
+@torch.no_grad()
+def sum_outputs(module: nn.Module, mine: list, src: ExpertSource, calls: Calls, device, stop=lambda: False,
+                stopped=Exception) -> None:
+    """Step 2 without statistics or pruning (the propagation, the streamed evaluation): every group's part of
+    each recorded call's output added."""
+    from .statistics import GroupStatistics
+
+    count = expert_count(module)
+    for group in each_group(module, src, stop, stopped):
         watch = GroupStatistics(mine, {a: getattr(module, a) for a in src.params}, group[0], group[1] - group[0],
                                 frozenset(), False)
         for k in list(calls.recorded):
             group_call(module, calls, k, watch, group, count, src.module_name, device)
         del watch
-        for a in src.params:
-            set_tensor(module, a, torch.empty(shapes[a], device="meta"))
-        trim()
+
+
+def check_blocks(blocks, hidden: int, dtype: torch.dtype) -> str | None:
+    """Can these blocks' experts be streamed in groups? Why not (a phrase), or None after probing the first experts
+    module with check_skips (which refuses on its own)."""
+    if any(len(experts_modules(b)) > 1 for b in blocks):
+        return "for blocks with more than one experts module"
+    found = next((m for b in blocks for m in experts_modules(b).items()), None)
+    if found is not None:
+        check_skips(found[1], found[0], expert_parameters(found[1]), hidden, dtype)
+    return None
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from .errors import StreamPruneError
 from .io import BlockIO
 from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
-from .groups import ExpertSource, check_skips
+from .groups import ExpertSource, check_blocks
 from .model import StreamedModel, expert_parameters, experts_modules
 from .plan import check_disk, itemsize, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
@@ -163,14 +163,11 @@ class PruneJob:
 
     def _check_groups(self) -> None:
         """What streaming experts in groups does not do (yet), refused before anything is written."""
-        spec, why = self.spec, None
+        spec = self.spec
         if spec.profile.sweeps or spec.profile.within_needs:
             why = f"with --sparsity-profile {spec.profile.name}"
-        elif any(len(experts_modules(b)) > 1 for b in self.model.blocks):
-            why = "for blocks with more than one experts module"
-        found = next((m for b in self.model.blocks for m in experts_modules(b).items()), None)
-        if found is not None and not why:
-            check_skips(found[1], found[0], expert_parameters(found[1]), spec.model.text.hidden_size, spec.dtype)
+        else:
+            why = check_blocks(self.model.blocks, spec.model.text.hidden_size, spec.dtype)
         if why:
             raise StreamPruneError(f"experts streamed in groups ({self.plan.expert_group} at a time, "
                                    + ("--expert-group" if spec.options.expert_group else "the plan: a whole block "

@@ -14,8 +14,8 @@ from torch import nn
 
 from .memory import trim
 from .errors import StreamPruneError
-from .groups import Calls, Replaced, group_call, groups, refuse_unsupported, sum_outputs
-from .model import all_finite, block_output, expert_count, experts_modules, set_tensor, targets
+from .groups import Calls, Replaced, each_group, group_call, refuse_unsupported, sum_outputs
+from .model import all_finite, block_output, expert_count, experts_modules, targets
 from .statistics import BlockStatistics, GroupStatistics, StopForward, _forced_routing
 
 
@@ -262,12 +262,7 @@ class BlockLoop:
         """Step 2 of the dense pass, group by group: the group's parameters on the device; its experts' statistics
         and summed output from the recorded calls (none for magnitude); pruned and written back."""
         count = expert_count(module)
-        shapes = {a: getattr(module, a).shape for a in src.params}
-        for group in groups(count, src.size):
-            if self.rt.signal_pending:
-                raise Stopped
-            for a in src.params:
-                set_tensor(module, a, src.value(a, group))
+        for group in each_group(module, src, lambda: self.rt.signal_pending, Stopped):
             params = {a: getattr(module, a) for a in src.params}
             stats = GroupStatistics(mine, params, group[0], group[1] - group[0], self.needs, self.rt.dist.enabled)
             if calls is not None:
@@ -285,9 +280,6 @@ class BlockLoop:
             for t in mine:
                 src.write(t.attr, group, getattr(module, t.attr), masks.get(t.attr), t.name in result.recomputed)
             del masks, stats, params
-            for a in src.params:
-                set_tensor(module, a, torch.empty(shapes[a], device="meta"))
-            trim()
 
     def _group_fallback(self, module, mine: list, params: dict, calls: Calls, stats, group: tuple, count: int,
                         name: str) -> int:

@@ -132,6 +132,15 @@ def test_what_groups_do_not_do_is_refused_before_out(calib, tmp_path):
                                     "--seqlen", "32", "--expert-group", "2", "--no-progress"])
     assert res.exit_code == 2 and "cannot be run one group at a time" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o1").exists()
+    from streamprune import evaluate as ev
+    from streamprune.errors import StreamPruneError
+
+    def no_capture(*a, **k):
+        raise AssertionError("the eval ran before its probe refused")
+    with pytest.MonkeyPatch.context() as mp, \
+            pytest.raises(StreamPruneError, match="cannot be run one group at a time"):  # probed as prune is
+        mp.setattr(ev._Evaluator, "capture_inputs", no_capture)
+        ev.evaluate(gpt, ids=torch.arange(64) % 100, seqlen=32, progress=False, expert_group=2)
     qwen = make_moe(tmp_path / "qwen", "qwen3_moe")
     res = CliRunner().invoke(main, ["prune", str(qwen), str(tmp_path / "o2"), "--calib", str(calib), "--nsamples", "8",
                                     "--seqlen", "32", "--expert-group", "2", "--sparsity-profile", "owl",
