@@ -11,6 +11,7 @@ from .base import Method, Pruned, Structure, check_prunable
 
 
 FACTORIZATION = 2.25  # in x in float32 matrices live at once while H is factorized and inverted (measured)
+UPDATE_BYTES = 11     # per entry of W while its columns are updated (module docstring of workspace_bytes)
 
 
 class SparseGPT(Method):
@@ -22,10 +23,11 @@ class SparseGPT(Method):
         """Measured (tests/test_plan.py), beside H: while factorizing, W's float32 working copy and two in x in
         float32 (a Cholesky factor beside H's working copy, then the inverse beside its factor) plus LAPACK's
         workspace (a quarter more, measured); then the inverse factor, W, the update of the columns after each
-        block and the mask (9 bytes per entry), the result in a narrower weight dtype, and about a dozen
-        [out, 128] float32 temporaries of the column block."""
+        block and the mask (9 bytes per entry; planned with 11, since the same 3072 x 3072 prune measures 142 or
+        173 MiB from one run to the next, malloc's and BLAS's buffers, and the plan covers the higher), the
+        result in a narrower weight dtype, and about a dozen [out, 128] float32 temporaries of the column block."""
         factorizing = out * inp * 4 + FACTORIZATION * inp * inp * 4
-        updating = inp * inp * 4 + out * inp * (9 + (itemsize if itemsize != 4 else 0)) + 12 * out * 128 * 4
+        updating = inp * inp * 4 + out * inp * (UPDATE_BYTES + (itemsize if itemsize != 4 else 0)) + 12 * out * 128 * 4
         return int(max(factorizing, updating))
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
