@@ -230,15 +230,18 @@ def status(out, as_json):
 @click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
 @click.option("--activations", default="auto", show_default=True)
 @click.option("--method", default="wanda", show_default=True)
+@click.option("--refine", type=click.Choice(["dsnot"]), default=None, help="Plan for a DSnoT-refined mask.")
 @click.option("--nproc", "ranks", type=int, default=1, show_default=True, help="Data-parallel ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_errors
-def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, activations, method, ranks, as_json):
+def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, activations, method, refine, ranks,
+         as_json):
     """Predict memory and disk use of a prune job from config.json alone, and what fits on 8-24 GB cards."""
     from .plan import plan_for
 
     r = plan_for(model, gpu_memory=gpu_memory, host_memory=host_memory, nsamples=nsamples, seqlen=seqlen,
-                 batch_size=batch_size, dtype=dtype, activations=activations, method=method, ranks=ranks)
+                 batch_size=batch_size, dtype=dtype, activations=activations, method=method, refine=refine,
+                 ranks=ranks)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

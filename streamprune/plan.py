@@ -305,7 +305,7 @@ def itemsize(dtype: torch.dtype) -> int:
 
 def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 128, seqlen: int | None = None,
              batch_size: int = 1, dtype: str | None = None, activations: str = "auto", device: str | None = None,
-             ranks: int = 1, method: str = "wanda", snapshot: bool = True) -> dict:
+             ranks: int = 1, method: str = "wanda", refine: str | None = None, snapshot: bool = True) -> dict:
     """The plan for a checkpoint directory from config.json (and the index, if present) alone: no weights read.
 
     `device` defaults to cuda when `gpu_memory` is given; `host_memory` defaults to what is available now.
@@ -318,12 +318,12 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     from .errors import StreamPruneError
     from .model import build_skeleton, find_blocks
     from .shards import INDEX_NAME
-    from .methods import method_named
+    from .methods import REFINES, Pruner, method_named
     from .spec import ModelInfo, PruneOptions, compute_dtype, parse_dtype
 
     # the same checks as prune's, for the options that exist here
     PruneOptions(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype, activations=activations,
-                 method=method, calib="-").check()
+                 method=method, refine=refine, calib="-").check()
     if ranks < 1:
         raise StreamPruneError("--nproc must be at least 1")
     info = ModelInfo.load(model_dir)
@@ -346,10 +346,11 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
         ckpt_bytes = sum(p.numel() for p in blocks.parameters()) * itemsize(stored) + \
             2 * text.vocab_size * text.hidden_size * itemsize(ckpt_dtype)
     host = parse_size(host_memory) or psutil.virtual_memory().available
+    pruner = Pruner(method_named(method), REFINES[refine]() if refine else None)  # what prune would build
     common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(stored),
                   compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
-                  needs_activations=method_named(method).needs_data, snapshot=snapshot, ranks=ranks,
-                  needs=method_named(method).needs, method=method_named(method))
+                  needs_activations=pruner.needs_data, snapshot=snapshot, ranks=ranks, needs=pruner.needs,
+                  method=pruner)
     main = make_plan(shape, device_type=device, tier=activations, gpu_free=parse_size(gpu_memory), **common)
     cards = {}
     for gb in (8, 12, 16, 24):

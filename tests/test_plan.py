@@ -68,6 +68,29 @@ def test_cli_plan_text_and_json(config_dir):
     assert json.loads(res.output)["device"] == "cpu"
 
 
+def test_cli_plan_counts_the_refinement_as_prune_does(tmp_path):
+    """`plan --refine dsnot` plans the workspace the prune job plans for itself (DSnoT's row chunk takes more than
+    RIA's score); before, `plan` had no --refine and planned RIA alone. A refinement of a method it does not
+    refine is refused as prune refuses it."""
+    from tiny import make_checkpoint, write_ids
+
+    model = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=1, hidden_size=256, intermediate_size=1024,
+                            vocab_size=512)
+    calib = write_ids(tmp_path / "ids.jsonl", 4, 32, vocab=512)
+    common = ["--nsamples", "4", "--seqlen", "32", "--method", "ria", "--json"]
+    planned = {}
+    for refine in ([], ["--refine", "dsnot"]):
+        res = CliRunner().invoke(main, ["plan", str(model), *common, *refine])
+        assert res.exit_code == 0, res.output
+        planned[bool(refine)] = json.loads(res.output)["plan"]["workspace_bytes"]
+    res = CliRunner().invoke(main, ["prune", str(model), str(tmp_path / "out"), "--calib", str(calib), "--no-progress",
+                                    *common, "--refine", "dsnot"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["plan"]["workspace_bytes"] == planned[True] > planned[False]
+    res = CliRunner().invoke(main, ["plan", str(model), "--method", "sparsegpt", "--refine", "dsnot"])
+    assert res.exit_code == 2 and "refines a wanda or ria mask" in res.output
+
+
 def prune_json(model, out, calib):
     """A prune in its own process (peak RSS is per process): its --json summary."""
     import subprocess
