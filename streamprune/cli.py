@@ -13,6 +13,8 @@ import click
 from .errors import StreamPruneError
 from .units import human_bytes  # no torch at import: `run` turns collection off before the heavy imports
 
+REFINES = click.Choice(["dsnot"])  # methods.REFINES, named here to keep torch out of the CLI's import
+
 
 def _errors(fn):
     @wraps(fn)
@@ -87,7 +89,7 @@ PRUNE_OPTIONS = [
                  help="admm: the penalty, in coordinates where every input channel has unit second moment."),
     click.option("--admm-damp", type=float, default=0.01, show_default=True,
                  help="admm: damping of the reconstruction toward the dense weight (same units)."),
-    click.option("--refine", type=click.Choice(["dsnot"]), default=None, help="Refine the wanda/ria mask with DSnoT."),
+    click.option("--refine", type=REFINES, default=None, help="Refine the wanda/ria mask with DSnoT."),
     click.option("--sparsity-profile", default="uniform", show_default=True,
                  help="uniform; owl: per-block sparsity from a dense outlier sweep (average = --sparsity); owl-linear: "
                       "owl, and inside each block per linear from its own outlier share."),
@@ -230,7 +232,7 @@ def status(out, as_json):
 @click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
 @click.option("--activations", default="auto", show_default=True)
 @click.option("--method", default="wanda", show_default=True)
-@click.option("--refine", type=click.Choice(["dsnot"]), default=None, help="Plan for a DSnoT-refined mask.")
+@click.option("--refine", type=REFINES, default=None, help="Plan for a DSnoT-refined mask.")
 @click.option("--nproc", "ranks", type=int, default=1, show_default=True, help="Data-parallel ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_errors

@@ -318,12 +318,12 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     from .errors import StreamPruneError
     from .model import build_skeleton, find_blocks
     from .shards import INDEX_NAME
-    from .methods import REFINES, Pruner, method_named
     from .spec import ModelInfo, PruneOptions, compute_dtype, parse_dtype
 
     # the same checks as prune's, for the options that exist here
-    PruneOptions(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype, activations=activations,
-                 method=method, refine=refine, calib="-").check()
+    options = PruneOptions(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
+                           activations=activations, method=method, refine=refine, calib="-")
+    options.check()
     if ranks < 1:
         raise StreamPruneError("--nproc must be at least 1")
     info = ModelInfo.load(model_dir)
@@ -346,7 +346,7 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
         ckpt_bytes = sum(p.numel() for p in blocks.parameters()) * itemsize(stored) + \
             2 * text.vocab_size * text.hidden_size * itemsize(ckpt_dtype)
     host = parse_size(host_memory) or psutil.virtual_memory().available
-    pruner = Pruner(method_named(method), REFINES[refine]() if refine else None)  # what prune would build
+    pruner = options.pruner()  # what prune would build
     common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(stored),
                   compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
                   needs_activations=pruner.needs_data, snapshot=snapshot, ranks=ranks, needs=pruner.needs,

@@ -152,6 +152,10 @@ class PruneOptions:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def pruner(self) -> Pruner:
+        """The method with its own options, and the refinement if any: what the job runs and the plan counts."""
+        return Pruner(method_named(self.method, self), REFINES[self.refine]() if self.refine else None)
+
     def check(self) -> None:
         """Every option on its own and in combination; one line for the first problem."""
         if not 0 < self.sparsity < 1:
@@ -227,7 +231,7 @@ class PruneSpec:
         info = ModelInfo.load(model_dir)
         ckpt_dtype = Checkpoint(model_dir).dtype
         structure = Structure.parse(options.structure)
-        pruner = Pruner(method_named(options.method, options), REFINES[options.refine]() if options.refine else None)
+        pruner = options.pruner()
         if pruner.needs_data and not options.calib:
             seqlen = info.seqlen(options.seqlen)  # a bad --seqlen is reported before the missing --calib
             raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE")
