@@ -91,14 +91,15 @@ def test_cli_plan_counts_the_refinement_as_prune_does(tmp_path):
     assert res.exit_code == 2 and "refines a wanda or ria mask" in res.output
 
 
-def prune_json(model, out, calib):
+def prune_json(model, out, calib, env=None):
     """A prune in its own process (peak RSS is per process): its --json summary."""
+    import os
     import subprocess
     import sys
 
     res = subprocess.run([sys.executable, "-m", "streamprune", "prune", str(model), str(out), "--calib", str(calib),
                           "--nsamples", "4", "--seqlen", "64", "--json", "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -106,9 +107,15 @@ def prune_json(model, out, calib):
 @pytest.mark.slow
 def test_prune_uses_the_plan_and_its_block_terms_are_right(tmp_path):
     """The tier comes from the plan, and what the plan adds per byte of block is what the process uses: the
-    difference between two model widths (the interpreter's constant cancels) within 15% of the predicted one.
-    The plan is the peak when the phases that can coincide do (the I/O thread's read-ahead with the prune
-    workspace); a single run hits it or not, by 10-20 MB here, so each width's peak is the higher of two runs."""
+    difference between two model widths (the interpreter's constant cancels) within 10% of the predicted one;
+    and the plan's peak is not below what a process with malloc as users run it takes.
+
+    Both processes run with malloc's mmap threshold fixed. By default glibc raises it to the largest chunk freed
+    (up to 32 MiB): the narrower model's workspace temporaries (9 MiB) then come from the heap, whose freed pages
+    stay resident, while the wider one's (36 MiB) get mappings of their own that go back at once. That added
+    20-30 MiB to the narrower peak alone and took the measured difference 14% under the plan's, run to run
+    (CI failed on it). With the threshold fixed both widths allocate alike: 245.1-245.9 MiB measured over four
+    runs of each, against 258 MiB planned (the selection's 15 B per element rounds up its measured 14.4)."""
     from tiny import make_checkpoint, write_ids
 
     calib = write_ids(tmp_path / "ids.jsonl", 4, 64, vocab=512)
@@ -117,12 +124,13 @@ def test_prune_uses_the_plan_and_its_block_terms_are_right(tmp_path):
         model = make_checkpoint(tmp_path / f"m{hidden}", "llama", num_hidden_layers=2, hidden_size=hidden,
                                 intermediate_size=4 * hidden, num_attention_heads=12, num_key_value_heads=4,
                                 vocab_size=512, dtype=torch.bfloat16, shard_size="500MB")
-        two = [prune_json(model, tmp_path / f"out{hidden}-{k}", calib) for k in range(2)]
-        runs[hidden] = max(two, key=lambda r: r["peak_rss_bytes"])
+        runs[hidden] = prune_json(model, tmp_path / f"out{hidden}", calib, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
         assert runs[hidden]["activations"] == runs[hidden]["plan"]["tier"] == "cpu"
+        default = prune_json(model, tmp_path / f"default{hidden}", calib)  # 472 and 706 MiB against 537 and 795
+        assert default["peak_rss_bytes"] <= default["plan"]["peak_host_bytes"]
     predicted = runs[1536]["plan"]["peak_host_bytes"] - runs[768]["plan"]["peak_host_bytes"]
     measured = runs[1536]["peak_rss_bytes"] - runs[768]["peak_rss_bytes"]
-    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 
 def test_readme_plan_figures(config_dir):
