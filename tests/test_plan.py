@@ -126,7 +126,7 @@ def test_prune_uses_the_plan_and_its_block_terms_are_right(tmp_path):
                                 vocab_size=512, dtype=torch.bfloat16, shard_size="500MB")
         runs[hidden] = prune_json(model, tmp_path / f"out{hidden}", calib, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
         assert runs[hidden]["activations"] == runs[hidden]["plan"]["tier"] == "cpu"
-        default = prune_json(model, tmp_path / f"default{hidden}", calib)  # 472 and 706 MiB against 537 and 795
+        default = prune_json(model, tmp_path / f"default{hidden}", calib)  # 462-558 / 696-785 MiB against 637 / 895
         assert default["peak_rss_bytes"] <= default["plan"]["peak_host_bytes"]
     predicted = runs[1536]["plan"]["peak_host_bytes"] - runs[768]["plan"]["peak_host_bytes"]
     measured = runs[1536]["peak_rss_bytes"] - runs[768]["peak_rss_bytes"]
