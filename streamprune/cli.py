@@ -165,10 +165,15 @@ def _torchrun(nproc: int) -> None:
     sys.exit(subprocess.run(cmd, env=env).returncode)
 
 
-def _job_state(out):
+def _job_state(out, running_ok: bool):
+    """The job state in OUT. A job holding OUT's lock is named first (it may not have written its state yet);
+    `running_ok` (status): a running job's state is read all the same."""
     from .state import JobDir
 
     jobdir = JobDir(Path(out))
+    holder = jobdir.holder()
+    if holder is not None and not (running_ok and jobdir.exists()):
+        raise StreamPruneError(jobdir.in_use(holder))
     if not jobdir.exists():
         raise StreamPruneError(f"{out}: no streamprune job here (no .streamprune/state.json)")
     return jobdir.load()
@@ -183,7 +188,7 @@ def resume(out, as_json, progress):
     """Continue the interrupted job in OUT with the arguments it was started with."""
     from .job import prune as run
 
-    state = _job_state(out)
+    state = _job_state(out, running_ok=False)
     ranks = state.fingerprint["options"].get("ranks", 1)
     if ranks > 1 and "WORLD_SIZE" not in os.environ:
         _torchrun(ranks)  # a data-parallel job continues with the same number of ranks
@@ -205,7 +210,7 @@ def status(out, as_json):
     from .shards import INDEX_NAME
     from .state import JobDir, damaged
 
-    state = _job_state(out)
+    state = _job_state(out, running_ok=True)
     bad = damaged(JobDir(Path(out)), state)
     if state.complete and not bad and not (Path(out) / INDEX_NAME).is_file():
         bad = [INDEX_NAME]

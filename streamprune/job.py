@@ -74,6 +74,7 @@ class PruneJob:
         if self.plan.expert_group:
             self._check_groups()  # before OUT is touched
         with MemoryMonitor(device=spec.device) as mon, (self.jobdir.locked() if rt.dist.main else nullcontext()):
+            self.obs.event("locked")  # OUT is this job's; its state may not exist yet
             fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world)
             if self.plan.expert_group and spec.pruner.updates_weights and \
                     itemsize(spec.checkpoint_dtype) < itemsize(spec.dtype):

@@ -66,7 +66,7 @@ class Fault:
 
 
 class Observer:
-    """Sees what a job does: named events (block_start, statistics, propagate, recompute, owl, mid_shard,
+    """Sees what a job does: named events (locked, block_start, statistics, propagate, recompute, owl, mid_shard,
     before_rename, publish), phase times, progress bars and log lines. Subclass it to watch a job (the memory
     benchmark tags RSS samples with the phase); pass it as `observer=` to the API."""
 

@@ -25,6 +25,7 @@ from .writer import file_sha256, fsync_dir, no_event, write_atomic
 STATE_DIR = ".streamprune"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+LOCK_TRIES = 10  # 20 ms apart
 FORMAT = 2
 
 
@@ -161,17 +162,40 @@ class JobDir:
         ends however it ends. A second job on the same OUT is refused, naming the holder."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StreamPruneError(f"OUT {self.out} is in use by another streamprune job (pid {holder}); wait for it to "
-                                   f"finish or stop it") from None
+        for attempt in range(LOCK_TRIES):  # `holder()` of a status or resume holds a shared lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 == LOCK_TRIES:
+                    holder = _pid_in(fd)
+                    os.close(fd)
+                    raise StreamPruneError(self.in_use(holder)) from None
+                time.sleep(0.02)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
+        finally:
+            os.close(fd)
+
+    def in_use(self, holder: str) -> str:
+        return f"OUT {self.out} is in use by another streamprune job (pid {holder}); wait for it to finish or stop it"
+
+    def holder(self) -> str | None:
+        """The pid of the job holding OUT's lock (as it wrote it), or None when no job holds it. Creates nothing;
+        the probe holds a shared lock for an instant (`locked` retries over that)."""
+        try:
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _pid_in(fd)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
         finally:
             os.close(fd)
 
@@ -232,6 +256,10 @@ class JobDir:
         if ok:
             meta["stat"] = now
         return ok
+
+
+def _pid_in(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
 
 
 def _remove(path: Path) -> None:
