@@ -374,6 +374,10 @@ class StreamedModel:
         self.tied = head is not None and head.weight is self.skeleton.get_input_embeddings().weight
         self.shapes = {n: tuple(t.shape) for n, t in self.skeleton.named_parameters()}
         self.shapes.update((n, tuple(t.shape)) for n, t in self.skeleton.named_buffers())
+        # what the model computes in floating point (every parameter; buffers by their own dtype: an integer or
+        # boolean buffer stays as stored)
+        self.floating = {n for n, t in self.skeleton.named_parameters()}
+        self.floating.update(n for n, t in self.skeleton.named_buffers() if t.is_floating_point())
         needed = {n: self.shapes[n] for n in checkpoint_names(self.skeleton)}
         self.layout = Layout(config, needed, {n: (t.dtype, t.shape) for n, t in ckpt.tensors.items()})
 
@@ -435,6 +439,12 @@ class StreamedModel:
                 raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint{why}")
             whole = torch.empty(self.shapes[name], device="meta")
             for p in pieces:
+                stored = self.ckpt.tensors[p.name].dtype
+                if name in self.floating and not p.scale and not stored.is_floating_point:
+                    raise StreamPruneError(
+                        f"{self.ckpt.path}: tensor {p.name} is stored as {str(stored).replace('torch.', '')}, but the "
+                        f"model computes with it in floating point and no quantization_config says how to read it; "
+                        f"use the unquantized release or dequantize it first")
                 want, got = tuple(p.region(whole).shape), tuple(self.ckpt.tensors[p.name].shape)
                 if want != got:
                     raise StreamPruneError(f"{self.ckpt.path}: tensor {p.name} has shape {list(got)}, the config "

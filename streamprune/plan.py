@@ -302,6 +302,22 @@ def check_disk(plan: Plan, out, written: int) -> None:
                                f"(pruned shards plus activation cache plus margin), {human_bytes(free)} is free")
 
 
+def _weights_present(model_dir) -> bool:
+    """Are the checkpoint's safetensors files there (every shard its index names, or model.safetensors)?"""
+    import json
+
+    from .shards import INDEX_NAME, SINGLE_NAME
+
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return True  # Checkpoint names what is wrong with it
+        return all((model_dir / shard).is_file() for shard in shards)
+    return (model_dir / SINGLE_NAME).is_file()
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -319,8 +335,8 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     import psutil
 
     from .errors import StreamPruneError
-    from .model import build_skeleton, find_blocks
-    from .shards import INDEX_NAME
+    from .model import StreamedModel, build_skeleton, find_blocks
+    from .shards import INDEX_NAME, Checkpoint
     from .spec import ModelInfo, PruneOptions, compute_dtype, parse_dtype
 
     # the same checks as prune's, for the options that exist here
@@ -331,7 +347,12 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
         raise StreamPruneError("--nproc must be at least 1")
     info = ModelInfo.load(model_dir)
     model_dir, config, text = info.path, info.config, info.text
-    blocks = find_blocks(build_skeleton(config), config)[1]
+    if _weights_present(model_dir):  # checked as prune checks them (headers only); a config alone is planned as is
+        model = StreamedModel(config, Checkpoint(model_dir), "cpu", None)
+        model.check()
+        blocks = model.blocks
+    else:
+        blocks = find_blocks(build_skeleton(config), config)[1]
     shape = block_shape(blocks, config)
     ckpt_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.bfloat16
     ckpt_dtype = getattr(torch, ckpt_dtype) if isinstance(ckpt_dtype, str) else ckpt_dtype
