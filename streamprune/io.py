@@ -2,6 +2,7 @@
 to the job state, and then reads block i+1. One thread, so these never overlap: besides the block being
 computed, at most one block is held on the host (being written or read ahead), whatever the model's depth.
 Writes and their commits run in submission order. With `overlap=False` everything runs in the foreground.
+While it runs, the job state is changed and saved only on this thread (`then`): one writer.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+from .runtime import IO_THREAD
+
 
 class BlockIO:
     def __init__(self, read: Callable[[int], dict], overlap: bool = True, phase=None):
         self._read_block = read
         self._phase = phase or (lambda name: nullcontext())  # the reads and writes are timed as observer phases
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-io") if overlap else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=IO_THREAD) if overlap else None
         self._prefetch: tuple[int, Future] | None = None
         self._writes: list[Future] = []
 
@@ -38,6 +41,15 @@ class BlockIO:
             self._run(write, then)
         else:
             self._writes.append(self._pool.submit(self._run, write, then))
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn()` after every write queued so far, where their commits run (the I/O thread, or the foreground
+        without overlap): what also saves the job state goes here, so the state has one writer."""
+        self._raise_failed()
+        if self._pool is None:
+            fn()
+        else:
+            self._writes.append(self._pool.submit(fn))
 
     def _read(self, i: int) -> dict:
         with self._phase("read_block"):

@@ -94,7 +94,7 @@ class PruneJob:
                 start = self._verify() if resumed else 0
                 with BlockIO(self.model.read_block, spec.options.overlap and self.plan.overlap, self.obs.phase) as io:
                     self._write_copies(io)
-                    sparsities = self._block_sparsities()
+                    sparsities = self._block_sparsities(io)
                     acts = self._activations(start)
                     try:
                         self._prune_blocks(io, start, acts, sparsities)
@@ -243,12 +243,14 @@ class PruneJob:
             if snapshot is not None:
                 self.jobdir.drop_snapshots(before=snapshot.after_block)
 
-    def _block_sparsities(self) -> list[float]:
-        """Each block's target: uniform, or from a sweeping profile (OWL), whose result is kept in the state."""
+    def _block_sparsities(self, io: BlockIO) -> list[float]:
+        """Each block's target: uniform, or from a sweeping profile (OWL), whose result is kept in the state
+        (recorded and saved on the I/O thread, after the copies' commits queued there: one writer)."""
         profile, target = self.spec.profile, self.spec.options.sparsity
         if not profile.sweeps:
             return [target] * self.n_blocks
-        if self.state.profile is None:
+        result = self.state.profile
+        if result is None:
             t = time.perf_counter()
             acts = self._new_activations()
             try:
@@ -259,14 +261,17 @@ class PruneJob:
                                           self.spec.out) from None
             finally:
                 acts.close()
-            self.state.profile = {"name": profile.name, "scores": scores,
-                                  "sparsities": profile.allocate(scores, target)}
+            result = {"name": profile.name, "scores": scores, "sparsities": profile.allocate(scores, target)}
             self.obs.add(f"{profile.name}_sweep", time.perf_counter() - t)
-            if self.rt.dist.main:
-                self.jobdir.save(self.state, self.obs.event)
-        sparsities = self.state.profile["sparsities"]
+            io.then(lambda: self._commit_profile(result))
+        sparsities = result["sparsities"]
         self.obs.log(f"{profile.name}: per-block sparsity " + " ".join(f"{x:.3f}" for x in sparsities))
         return sparsities
+
+    def _commit_profile(self, result: dict) -> None:
+        self.state.profile = result
+        if self.rt.dist.main:
+            self.jobdir.save(self.state, self.obs.event)
 
     def _new_activations(self) -> Activations:
         spec, o = self.spec, self.spec.options

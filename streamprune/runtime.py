@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from .distributed import Dist
 from .errors import Interrupted
 
+IO_THREAD = "streamprune-io"  # the name of io.py's background thread
+
 
 @dataclass(frozen=True)
 class ProcessEnv:
@@ -31,6 +33,7 @@ class ProcessEnv:
     fault_at: str | None = None      # STREAMPRUNE_FAULT_AT=event:k
     fault_signal: str = "KILL"       # STREAMPRUNE_FAULT_SIGNAL
     fault_rank: int | None = None    # STREAMPRUNE_FAULT_RANK: only this rank is hit
+    fault_hold: str | None = None    # STREAMPRUNE_FAULT_HOLD=event:thread:k:until
 
     @classmethod
     def read(cls, environ=os.environ) -> "ProcessEnv":
@@ -38,31 +41,56 @@ class ProcessEnv:
         return cls(rank=int(get("RANK", "0")), local_rank=int(get("LOCAL_RANK")) if "LOCAL_RANK" in environ else None,
                    world=int(get("WORLD_SIZE", "1")), dist_timeout=float(get("STREAMPRUNE_DIST_TIMEOUT", "600")),
                    fault_at=get("STREAMPRUNE_FAULT_AT"), fault_signal=get("STREAMPRUNE_FAULT_SIGNAL", "KILL"),
-                   fault_rank=int(get("STREAMPRUNE_FAULT_RANK")) if "STREAMPRUNE_FAULT_RANK" in environ else None)
+                   fault_rank=int(get("STREAMPRUNE_FAULT_RANK")) if "STREAMPRUNE_FAULT_RANK" in environ else None,
+                   fault_hold=get("STREAMPRUNE_FAULT_HOLD"))
 
 
 class Fault:
-    """Sends a real signal to this process at the k-th occurrence of a named event (tests kill jobs at exact
-    points this way). Renames are told apart by the file: rename_state, rename_index, rename_shard, rename_file."""
+    """Test hooks at named events. STREAMPRUNE_FAULT_AT=event:k sends a real signal to this process at the k-th
+    occurrence of `event` (tests kill jobs at exact points this way). STREAMPRUNE_FAULT_HOLD=event:thread:k:until
+    holds a thread (`main`, or `io`: the background I/O thread) at its k-th occurrence of `event` until `until` has
+    happened on any thread (at most HOLD_SECONDS): two threads' steps put in a chosen order. Renames are told apart
+    by the file: rename_state, rename_index, rename_shard, rename_file."""
 
-    def __init__(self, event: str, k: int, sig: int):
+    HOLD_SECONDS = 120.0
+
+    def __init__(self, event: str | None = None, k: int = 0, sig: int | None = None, hold: str | None = None):
         self.event, self.k, self.sig, self.seen = event, k, sig, 0
+        self.hold = None
+        if hold:
+            event, thread, k, until = hold.split(":")
+            self.hold = (event, thread, int(k), until)
+            self.held_seen, self.released = 0, threading.Event()
 
     @classmethod
     def from_env(cls, env: ProcessEnv) -> "Fault | None":
-        if not env.fault_at or (env.fault_rank is not None and env.fault_rank != env.rank):
+        if (not env.fault_at and not env.fault_hold) or (env.fault_rank is not None and env.fault_rank != env.rank):
             return None
-        event, k = env.fault_at.rsplit(":", 1)
-        return cls(event, int(k), getattr(signal, "SIG" + env.fault_signal))
+        event, k = env.fault_at.rsplit(":", 1) if env.fault_at else (None, 0)
+        return cls(event, int(k), getattr(signal, "SIG" + env.fault_signal), env.fault_hold)
 
     def __call__(self, event: str, detail: str) -> None:
         if event == "before_rename":
             event = ("rename_state" if detail == "state.json" else "rename_index" if detail.endswith(".index.json")
                      else "rename_shard" if detail.endswith(".safetensors") else "rename_file")
+        if self.hold is not None:
+            self._hold(event)
         if event == self.event:
             self.seen += 1
             if self.seen == self.k:
                 os.kill(os.getpid(), self.sig)
+
+    def _hold(self, event: str) -> None:
+        name, thread, k, until = self.hold
+        if event == until:
+            self.released.set()
+        current = threading.current_thread()
+        here = ("main" if current is threading.main_thread() else
+                "io" if current.name.startswith(IO_THREAD) else current.name)
+        if event == name and here == thread:
+            self.held_seen += 1
+            if self.held_seen == k:
+                self.released.wait(self.HOLD_SECONDS)
 
 
 class Observer:
