@@ -53,6 +53,7 @@ class PruneJob:
         self.ckpt = Checkpoint(spec.model.path)
         self.model = StreamedModel(spec.model.config, self.ckpt, spec.device, spec.dtype, o.attn_implementation)
         self.model.check(spec.structure)
+        self.model.fp8_reencode = o.method if spec.pruner.updates_weights else None
         self.n_blocks = len(self.model.blocks)
         groups = self.model.copy_groups()
         total = len(groups) + self.n_blocks  # the copied shards first, then one shard per block

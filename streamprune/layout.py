@@ -12,8 +12,12 @@ are refused by name.
 FP8 checkpoints (`quantization_config` quant_method "fp8" with `weight_block_size`): a weight stored as
 float8_e4m3fn codes with a float32 `weight_scale_inv` per tile is dequantized to the compute dtype (codes x
 scale, the scale repeated over its tile) and written back as codes with the same scales: code = fp8(weight /
-scale), which gives back every unpruned code exactly (the compute dtype has more mantissa bits than e4m3) and
-+0 where pruned. The scales themselves are copied unchanged.
+scale), which gives back every unpruned code exactly when the compute dtype holds codes x scale (float32 and
+bfloat16 have e4m3's range and more mantissa bits; float16 underflows below 6e-8) and +0 where pruned. Where it
+does not (`round_trips`), model.py writes the input's codes themselves, +0 where pruned. A tile whose scale is 0
+holds only zeros: its codes re-encode to +0. Every zero code is +0 (0x00), never -0 (0x80), a negative scale's
+tile included. The scales themselves are copied unchanged; `check_scales` refuses those no value can be
+computed from (NaN, Inf, or codes x scale beyond float32).
 """
 
 from __future__ import annotations
@@ -73,7 +77,58 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple, dtype: to
 
 
 def quantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple) -> torch.Tensor:
-    return (weight.float() / _tiles(scale, block, weight.shape)).to(FP8)
+    """FP8 codes of `weight` in its tiles' scales (saturated at +-448), +0 wherever the code is a zero of either
+    sign or the tile's scale is 0 (x / 0 would be a NaN or saturated code; such a tile holds only zeros)."""
+    tiles = _tiles(scale, block, weight.shape)
+    codes = (weight.float() / tiles).to(FP8)
+    bits = codes.view(torch.uint8)
+    bits.masked_fill_(((bits & 0x7F) == 0) | (tiles == 0), 0)   # -0 (a negative scale's +0, an underflow) -> +0
+    return codes
+
+
+def mismatches(value: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, block: tuple,
+               strict: bool = True) -> int:
+    """How many of `codes` the compute-dtype `value` (their dequantization) does not re-encode to: bit for bit
+    when `strict` (a -0 code, which `quantize` makes +0, counts; so does a non-zero code in a tile whose scale is
+    0), else zeros of either sign alike and tiles whose scale is 0 left out (any code there means 0)."""
+    got, want = quantize(value, scale, block).view(torch.uint8), codes.view(torch.uint8)
+    same = got == want
+    if not strict:
+        same |= (((got | want) & 0x7F) == 0) | (_tiles(scale, block, codes.shape) == 0)
+    return int((~same).sum())
+
+
+def round_trips(value: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, block: tuple) -> bool:
+    """Does `value` (the codes dequantized into the compute dtype) re-encode to `codes` bit for bit? Without a
+    pass over the values when every non-zero code x scale (|code| from 2^-9 to 448) is a normal number of the
+    compute dtype and no code is -0: rounding to it (at most 2^-8 relative, bfloat16) then stays within half an
+    e4m3 step (at least 2^-5 relative; 2^-10 absolute below 2^-6) of the code."""
+    s = scale.float().abs()
+    info = torch.finfo(value.dtype)
+    if (s.numel() and float(s.min()) * 2 ** -9 >= info.tiny and float(s.max()) * 448 <= info.max
+            and not bool((codes.view(torch.uint8) == 0x80).any())):
+        return True
+    return not mismatches(value, codes, scale, block)
+
+
+def check_scales(name: str, scale: torch.Tensor) -> None:
+    """Scales every value can be computed from: finite, and with codes x scale (|code| <= 448) within float32.
+    A zero or negative scale is a valid (if odd) tile: codes x scale is what transformers' loader computes."""
+    s = scale.float()
+    bad = ~torch.isfinite(s) | (s.abs() > torch.finfo(torch.float32).max / 448)
+    if bool(bad.any()):
+        where = tuple(int(x) for x in bad.nonzero()[0])
+        value = float(s[where])
+        why = ("is not finite" if value != value or abs(value) == float("inf") else
+               "times the largest FP8 code (448) exceeds float32")
+        raise StreamPruneError(f"tensor {name}: the scale of tile {where} is {value!r} and {why}; a block with it "
+                               f"cannot be pruned: repair or re-export the checkpoint")
+
+
+def scale_shape(shape: tuple, block: tuple) -> tuple:
+    """The shape of a weight's scale tensor: one scale per tile of its last two dims, ceil(shape / block)."""
+    *lead, rows, cols = shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
 
 
 class Layout:

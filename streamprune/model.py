@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import StreamPruneError
-from .layout import Layout, dequantize, fp8_block, quantize
+from .layout import Layout, check_scales, dequantize, fp8_block, mismatches, quantize, round_trips, scale_shape
 from .memory import host_empty, trim
 from .methods import check_prunable
 from .shards import Checkpoint
@@ -348,6 +348,12 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def zero_codes(codes: torch.Tensor, mask: torch.Tensor) -> None:
+    """FP8 codes written as they were read: +0 (0x00) where `mask` is set, and every zero +0 (as `quantize`)."""
+    bits = codes.view(torch.uint8)
+    bits.masked_fill_(mask | ((bits & 0x7F) == 0), 0)
+
+
 def to_host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` on the host in `dtype`: itself when it already is, else a block-lifetime copy (memory.host_empty)."""
     if t.device.type == "cpu" and t.dtype == dtype:
@@ -380,6 +386,7 @@ class StreamedModel:
         self.floating.update(n for n, t in self.skeleton.named_buffers() if t.is_floating_point())
         needed = {n: self.shapes[n] for n in checkpoint_names(self.skeleton)}
         self.layout = Layout(config, needed, {n: (t.dtype, t.shape) for n, t in ckpt.tensors.items()})
+        self.fp8_reencode: str | None = None  # the method, when it writes updated weights (see _dequantized)
 
     # ------------------------------------------------------------------ names
 
@@ -449,6 +456,8 @@ class StreamedModel:
                 if want != got:
                     raise StreamPruneError(f"{self.ckpt.path}: tensor {p.name} has shape {list(got)}, the config "
                                            f"implies {list(want)}")
+                if p.scale:
+                    self._check_scale_tensor(p, got)
         if structure is not None and structure.width:
             from .width import check_model
 
@@ -457,6 +466,36 @@ class StreamedModel:
             for block in self.blocks:
                 for t in targets(block):
                     check_prunable(t.in_features, structure)
+
+    def _check_scale_tensor(self, p, shape: tuple) -> None:
+        """An FP8 weight's scales: floats, one per tile of `weight_block_size` (ceil(shape / block))."""
+        info = self.ckpt.tensors[p.scale]
+        want = scale_shape(shape, p.block)
+        if not info.dtype.is_floating_point or info.dtype.itemsize < 2 or tuple(info.shape) != want:
+            raise StreamPruneError(
+                f"{self.ckpt.path}: tensor {p.scale} is {str(info.dtype).replace('torch.', '')} {list(info.shape)}; "
+                f"weight_block_size {list(p.block)} over {p.name} {list(shape)} implies float scales of shape "
+                f"{list(want)} (one per tile): the scales do not match the config's tiles")
+
+    def _dequantized(self, p, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                     kept: dict | None) -> torch.Tensor:
+        """FP8 codes x their tiles' scales in `dtype`. With `kept` (a prune): when the compute dtype does not
+        give back every code (float16 underflows codes x small scales; a tile whose scale is 0 holding non-zero
+        codes; a -0 code), the codes go to `kept` and are written as they are, +0 where pruned, so the compute
+        dtype only decides the mask. A method that writes its own updated weights (`fp8_reencode`) re-encodes them from the
+        compute dtype: refused there, naming the tensor."""
+        check_scales(p.scale, scale)
+        value = dequantize(codes, scale, p.block, dtype)
+        if kept is not None and not round_trips(value, codes, scale, p.block):
+            if self.fp8_reencode:
+                bad = mismatches(value, codes, scale, p.block, strict=False)
+                if bad:
+                    raise StreamPruneError(
+                        f"tensor {p.name}: {bad} of its FP8 values (codes x scales) do not survive "
+                        f"{str(dtype).replace('torch.', '')} (underflow or overflow), and --method "
+                        f"{self.fp8_reencode} writes its updated weights from the compute dtype: use --dtype float32")
+            kept[p.name] = codes
+        return value
 
     # ------------------------------------------------------------------ tensors in and out
 
@@ -482,7 +521,7 @@ class StreamedModel:
         value = torch.empty((group[1] - group[0],) + tuple(self.shapes[name][1:]), dtype=dtype, device=self.device)
         for p, t, scale in pieces:
             if p.scale:
-                t = dequantize(t, scale, p.block, dtype)
+                t = self._dequantized(p, t, scale, dtype, {} if self.fp8_reencode else None)  # codes stay
             p.region(value).copy_(t, non_blocking=True)
         if not all_finite(value):
             raise StreamPruneError(f"{self.ckpt.path}: tensor {name} holds NaN or Inf values (or does not fit in "
@@ -490,16 +529,20 @@ class StreamedModel:
         return value
 
     def inexact_pieces(self, name: str, host: dict) -> bool:
-        """Does some piece of `name` (not FP8 codes) not survive the trip to the compute dtype and back?"""
-        return any(not p.scale and not exact_cast(host[p.name].dtype, self.dtype) for p in self.layout.pieces[name])
+        """Is some piece of `name` written from its original rather than from the computed value: FP8 codes, or
+        a tensor that does not survive the trip to the compute dtype and back? Its mask is needed."""
+        return any(p.scale or not exact_cast(host[p.name].dtype, self.dtype) for p in self.layout.pieces[name])
 
     def store_group(self, name: str, host: dict, group: tuple, value: torch.Tensor, mask, recomputed: bool) -> None:
         """Experts `group` of parameter `name`, pruned, back into the block's host tensors in the checkpoint's
-        layout and dtypes, by block_tensors' rules: FP8 codes re-encoded with their scales, an original the
-        compute dtype cannot represent zeroed where `mask` says (unless recomputed), else the computed values."""
+        layout and dtypes, by block_tensors' rules: FP8 codes as they are, +0 where `mask` says (re-encoded with
+        their scales when recomputed), an original the compute dtype cannot represent zeroed where `mask` says
+        (unless recomputed), else the computed values."""
         for p, t, scale in self._group_pieces(name, host, group):
-            if p.scale:
-                t.copy_(quantize(p.region(value).cpu(), scale, p.block))  # in place: a fused tensor's slice too
+            if p.scale and not recomputed:
+                zero_codes(t, p.region(mask).to(t.device))  # in place: a fused tensor's slice too
+            elif p.scale:
+                t.copy_(quantize(p.region(value).cpu(), scale, p.block))
             elif not exact_cast(t.dtype, value.dtype) and not recomputed:
                 t.masked_fill_(p.region(mask).to(t.device), 0)
             else:
@@ -525,7 +568,7 @@ class StreamedModel:
             for p in pieces:
                 t = host[p.name]
                 if p.scale:
-                    t = dequantize(t, host[p.scale], p.block, dtype)
+                    t = self._dequantized(p, t, host[p.scale], dtype, kept)
                 elif kept is not None and not exact_cast(t.dtype, dtype):
                     kept[p.name] = t
                 p.region(value).copy_(t, non_blocking=True)
@@ -580,7 +623,8 @@ class StreamedModel:
                       grouped: frozenset = frozenset()) -> dict:
         """Block i's shard contents in the checkpoint's own layout and dtypes. A parameter comes back from the
         module (its cast is exact, or the pruner recomputed it; FP8 codes are re-encoded with their own scales);
-        a kept original is written as it was read, zeroed where `masks` (local parameter name -> mask) says.
+        a kept original (FP8 codes too) is written as it was read, zeroed where `masks` (local parameter name ->
+        mask) says.
         Consumes the block: each parameter is dropped once its pieces are copied, so the block in the compute
         dtype and its outgoing copy are never both whole in memory."""
         prefix, out = self.block_prefix(i), {}
@@ -594,7 +638,9 @@ class StreamedModel:
             local, piece = owner[name]
             if name in kept and local not in recomputed:
                 t = kept[name]
-                if local in masks:
+                if local in masks and piece.scale:  # FP8 codes; without a mask (not pruned) as read
+                    zero_codes(t, piece.region(masks[local]).to(t.device))
+                elif local in masks:
                     t.masked_fill_(piece.region(masks[local]).to(t.device), 0)
                 out[name] = t
             elif piece.scale:
