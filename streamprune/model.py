@@ -429,8 +429,8 @@ class StreamedModel:
 
     def check(self, structure=None) -> None:
         """Every tensor the model needs is in the checkpoint (directly or through its layout) with the shape the
-        config implies, and every block's linears and experts can take the N:M structure. The only shape check:
-        nothing is read before it passes."""
+        config implies (FP8 scales: one finite float per tile), and every block's linears and experts can take the
+        N:M structure. The only shape check: nothing but FP8 scales is read before it passes."""
         explained = layout_problem(self.config, self.ckpt.tensors, self.skeleton)
         if explained:
             raise StreamPruneError(f"{self.ckpt.path}: {explained}")
@@ -458,6 +458,7 @@ class StreamedModel:
                                            f"implies {list(want)}")
                 if p.scale:
                     self._check_scale_tensor(p, got)
+                    check_scales(p.scale, self.ckpt.read(p.scale))  # small: a float per tile; read again per block
         if structure is not None and structure.width:
             from .width import check_model
 

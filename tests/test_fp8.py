@@ -224,6 +224,7 @@ def test_fp8_scale_grid_must_match_the_block_size(config_block, scale_block, tin
     line = expect_error(q, tmp_path / "out", "--calib", ids_file, "--nsamples", 8, "--seqlen", 32,
                         match="_scale_inv")
     assert "do not match" in line and "model.layers.0." in line
+    assert not list(tmp_path.glob("out/*.safetensors"))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), 1e37])
@@ -234,6 +235,7 @@ def test_fp8_bad_scale_named_with_its_tile(bad, fp8_64, ids_file, tmp_path):
     line = expect_error(src, tmp_path / "out", "--calib", ids_file, "--nsamples", 8, "--seqlen", 32,
                         "--dtype", "float32", match=f"tensor {DOWN}_scale_inv: the scale of tile (1, 3)")
     assert "does not fit" not in line
+    assert not list(tmp_path.glob("out/*.safetensors"))   # refused before any block runs
 
 
 def test_fp8_negative_scale_prunes_to_plus_zero(fp8_64, ids_file, tmp_path):
