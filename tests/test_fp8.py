@@ -211,6 +211,17 @@ def test_fp8_float16_refused_for_methods_that_rewrite_weights(fp8_64, ids_file, 
                  "sparsegpt", "--dtype", "float16", match=f"tensor {DOWN}: ")
 
 
+def plan_refusal(model) -> str:
+    """`streamprune plan MODEL`'s one line on stderr (it checks a checkpoint whose shards are there as prune does)."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    res = CliRunner().invoke(main, ["plan", str(model)])
+    assert res.exit_code == 2, (res.exit_code, res.stderr)
+    return res.stderr.strip()
+
+
 @pytest.mark.parametrize("config_block,scale_block", [((64, 64), (32, 32)), ((32, 32), (64, 64)), ((32, 64), (32, 32))])
 def test_fp8_scale_grid_must_match_the_block_size(config_block, scale_block, tiny_models, ids_file, tmp_path):
     import json
@@ -225,6 +236,7 @@ def test_fp8_scale_grid_must_match_the_block_size(config_block, scale_block, tin
                         match="_scale_inv")
     assert "do not match" in line and "model.layers.0." in line
     assert not list(tmp_path.glob("out/*.safetensors"))
+    assert plan_refusal(q) == line
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), 1e37])
@@ -236,6 +248,7 @@ def test_fp8_bad_scale_named_with_its_tile(bad, fp8_64, ids_file, tmp_path):
                         "--dtype", "float32", match=f"tensor {DOWN}_scale_inv: the scale of tile (1, 3)")
     assert "does not fit" not in line
     assert not list(tmp_path.glob("out/*.safetensors"))   # refused before any block runs
+    assert plan_refusal(src) == line
 
 
 def test_fp8_negative_scale_prunes_to_plus_zero(fp8_64, ids_file, tmp_path):
