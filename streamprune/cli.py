@@ -102,6 +102,11 @@ PRUNE_OPTIONS = [
                  help="Mixture-of-Experts: stream each block's experts through the device this many at a time "
                       "(0: only when the plan says a whole block does not fit, in the largest groups that do)."),
     click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
+    click.option("--calib-dataset", default=None,
+                 help="Calibration text from a dataset (pip install 'streamprune[datasets]'): NAME, NAME:SPLIT or "
+                      "NAME:CONFIG:SPLIT; a save_to_disk directory, data files, or a name in the local datasets cache."),
+    click.option("--calib-column", default=None,
+                 help="--calib-dataset: the text column [default: \"text\", or the only text column]."),
     click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
     click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows."),
@@ -314,9 +319,10 @@ def eval_(model, text, seqlen, windows, device, dtype, batch_size, progress, exp
 @_errors
 def report(out, png, as_json):
     """Per-block and per-linear sparsity of a checkpoint, read one tensor at a time."""
+    from .hub import resolve_model
     from .report import format_report, report as make_report
 
-    r = make_report(out, png=png)
+    r = make_report(resolve_model(out), png=png)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 

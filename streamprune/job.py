@@ -66,7 +66,8 @@ class PruneJob:
             raise StreamPruneError(f"{rt.dist.world} ranks but only {len(batches)} calibration batches; "
                                    f"use fewer ranks or more --nsamples")
         self.windows = calibration_windows(o.calib, spec.model.path, o.nsamples, o.seqlen, o.seed,
-                                           spec.model.text.vocab_size) if spec.needs_data else None
+                                           spec.model.text.vocab_size, o.calib_dataset,
+                                           o.calib_column) if spec.needs_data else None
         self.state = self.plan = self.loop = None
 
     def run(self) -> dict:

@@ -62,7 +62,7 @@ def text_config(config):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model directory and its config (text part for multimodal wrappers)."""
+    """A model directory (or hub id, see hub.resolve_model) and its config (text part for multimodal wrappers)."""
     path: Path
     config: object
 
@@ -70,9 +70,9 @@ class ModelInfo:
     def load(cls, path) -> "ModelInfo":
         from transformers import AutoConfig
 
-        path = Path(path)
-        if not path.is_dir():
-            raise StreamPruneError(f"{path}: no such model directory")
+        from .hub import resolve_model
+
+        path = resolve_model(path)
         if not (path / "config.json").is_file():
             raise StreamPruneError(f"{path}: no config.json (not a Hugging Face model directory)")
         try:
@@ -108,6 +108,8 @@ class PruneOptions:
     structure: str = "unstructured"
     method: str = "wanda"
     calib: str | None = None
+    calib_dataset: str | None = None    # NAME, NAME:SPLIT or NAME:CONFIG:SPLIT (the optional datasets package)
+    calib_column: str | None = None     # --calib-dataset: the text column (default "text", or the only text one)
     nsamples: int = 128
     seqlen: int | None = None       # default: min(2048, model context)
     seed: int = 0
@@ -195,6 +197,14 @@ class PruneOptions:
             if self.method == "magnitude" and self.width_compensation:
                 raise StreamPruneError("--structure width --method magnitude has no calibration data to compensate "
                                        "with: add --no-width-compensation, or use --method wanda")
+        if self.calib and self.calib_dataset:
+            raise StreamPruneError("--calib and --calib-dataset: give one source of calibration text")
+        if self.calib_column and not self.calib_dataset:
+            raise StreamPruneError("--calib-column names a column of --calib-dataset; give --calib-dataset too")
+        if self.calib_dataset:
+            from .calibration import parse_dataset
+
+            parse_dataset(self.calib_dataset)
         from .units import parse_size
 
         parse_size(self.gpu_memory_limit)
@@ -223,18 +233,25 @@ class PruneSpec:
         from .units import parse_size
         from .shards import Checkpoint
 
+        from .hub import resolve_model
+
         options.check()
-        model_dir, out = Path(model), Path(out)
-        check_paths(model_dir, out, (("--calib", options.calib),))
+        model_dir, out = resolve_model(model), Path(out)
+        check_paths(model_dir, out, (("--calib", options.calib), ("--calib-dataset", local_dataset(options))))
         check_out_usable(out, options.overwrite)
         device = resolve_device(options.device, local_rank)
         info = ModelInfo.load(model_dir)
         ckpt_dtype = Checkpoint(model_dir).dtype
         structure = Structure.parse(options.structure)
         pruner = options.pruner()
-        if pruner.needs_data and not options.calib:
+        if pruner.needs_data and not (options.calib or options.calib_dataset):
             seqlen = info.seqlen(options.seqlen)  # a bad --seqlen is reported before the missing --calib
-            raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE")
+            raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE or "
+                                   f"--calib-dataset NAME (README: \"Calibration data\")")
+        if pruner.needs_data and options.calib_dataset:
+            from .calibration import import_datasets
+
+            import_datasets()  # a missing package is said before any work
         seqlen = info.seqlen(options.seqlen)
         dtype = compute_dtype(parse_dtype(options.dtype), ckpt_dtype, device)
         if structure.width:
@@ -267,6 +284,16 @@ def width_pruner(info: ModelInfo, options: PruneOptions, dtype: torch.dtype, ckp
     keep = kept_channels(intermediate, options.sparsity, options.width_multiple)
     return WidthPruner(intermediate, keep, needs_data=options.method != "magnitude",
                        compensate=options.width_compensation)
+
+
+def local_dataset(options: PruneOptions) -> str | None:
+    """The local path a --calib-dataset names, if it names one."""
+    if not options.calib_dataset:
+        return None
+    from .calibration import parse_dataset
+
+    name = parse_dataset(options.calib_dataset)[0]
+    return name if Path(name).exists() else None
 
 
 def check_paths(model_dir: Path, out: Path, inputs: tuple = ()) -> None:

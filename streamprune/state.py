@@ -285,6 +285,10 @@ def fingerprint(spec, ckpt, windows, ranks: int) -> dict:
     options = {k: getattr(o, k) for k in o.RESULT_KEYS}
     options.update(dtype=str(spec.dtype).replace("torch.", ""), structure=str(spec.structure),
                    device_type=spec.device.type, ranks=ranks)
+    if o.calib_dataset:  # recorded only when given: the fingerprints of file-calibrated jobs stay as they were
+        from .calibration import canonical_dataset
+
+        options.update(calib_dataset=canonical_dataset(o.calib_dataset), calib_column=o.calib_column)
     fp = {"checkpoint": ckpt.fingerprint(),
           "config_sha256": hashlib.sha256((spec.model.path / "config.json").read_bytes()).hexdigest(),
           "options": options,
@@ -300,6 +304,10 @@ def stored_options(spec) -> dict:
     options = {k: v for k, v in o.as_dict().items() if k not in ("overwrite", "restart", "progress")}
     options["model"] = str(spec.model.path.resolve())
     options["calib"] = str(Path(o.calib).resolve()) if o.calib else None
+    if o.calib_dataset:
+        from .calibration import canonical_dataset
+
+        options["calib_dataset"] = canonical_dataset(o.calib_dataset)
     return options
 
 

@@ -197,3 +197,17 @@ def dequantized_twin(src: Path, dst: Path) -> Path:
     if index:
         (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     return dst
+
+
+def byte_tokenizer(model_dir):
+    """A real byte-level BPE tokenizer without merges: one token per UTF-8 byte, ids below 256 (the tiny
+    models' vocabulary), so a text's token count is its byte count."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(model_dir)
+    return model_dir
