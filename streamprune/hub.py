@@ -97,16 +97,41 @@ def resolve_model(model) -> Path:
     return hub_snapshot(str(model))
 
 
+def missing_files(snapshot: Path) -> str | None:
+    """What a cached snapshot lacks of a safetensors checkpoint (a config or weights fetched alone leave such
+    snapshots behind), or None."""
+    import json
+
+    from .shards import INDEX_NAME, SINGLE_NAME
+
+    if not (snapshot / "config.json").is_file():
+        return "config.json"
+    if (snapshot / INDEX_NAME).is_file():
+        try:
+            shards = sorted(set(json.loads((snapshot / INDEX_NAME).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            return None  # the checkpoint reader names what is wrong with the index
+        gone = [s for s in shards if not (snapshot / s).is_file()]
+        return f"{gone[0]}" + (f" and {len(gone) - 1} more shards" if len(gone) > 1 else "") if gone else None
+    return None if (snapshot / SINGLE_NAME).is_file() else f"{SINGLE_NAME} or {INDEX_NAME}"
+
+
 def hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot of a model repository's files, downloaded (MODEL_FILES only) when not cached."""
     from huggingface_hub import constants, snapshot_download
 
     with quiet_hub():
         try:
-            return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=MODEL_FILES))
+            snapshot = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=MODEL_FILES))
         except Exception:  # noqa: BLE001 - not cached (the hub client's errors differ by version): try the hub below
-            pass
-        where = f"{repo_id}: neither a local directory nor in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+            snapshot, lacking = None, None
+        else:
+            lacking = missing_files(snapshot)
+            if lacking is None:
+                return snapshot
+        where = (f"{repo_id}: neither a local directory nor in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+                 if snapshot is None else f"{repo_id}: its snapshot in the local Hugging Face cache ({snapshot}) "
+                 f"lacks {lacking}")
         if constants.HF_HUB_OFFLINE:
             raise StreamPruneError(f"{where}, and downloading is disabled (HF_HUB_OFFLINE)")
         why = unreachable(constants.ENDPOINT)

@@ -285,7 +285,7 @@ def fingerprint(spec, ckpt, windows, ranks: int) -> dict:
     options = {k: getattr(o, k) for k in o.RESULT_KEYS}
     options.update(dtype=str(spec.dtype).replace("torch.", ""), structure=str(spec.structure),
                    device_type=spec.device.type, ranks=ranks)
-    if o.calib_dataset:  # recorded only when given: the fingerprints of file-calibrated jobs stay as they were
+    if o.calib_dataset and windows is not None:  # recorded only when used: other jobs' fingerprints stay as they were
         from .calibration import canonical_dataset
 
         options.update(calib_dataset=canonical_dataset(o.calib_dataset), calib_column=o.calib_column)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,40 @@ def test_local_data_files_directory(model, tmp_path, hf_cache):
     assert hf_cache.is_dir()  # the library's arrow cache went where its configuration says, not into the input
 
 
+def hub_dataset_cache(cache, repo_id, rows):
+    """A hub dataset as the datasets library caches it (`NS___NAME/CONFIG/VERSION/HASH/`, dataset_info.json and
+    NAME-SPLIT.arrow), its files written by the library's own text builder."""
+    from datasets.packaged_modules.text.text import Text
+
+    src = cache.parent / "hub-src.txt"
+    src.write_text("\n".join(rows))
+    name = repo_id.split("/")[1]
+    builder = Text(cache_dir=str(cache.parent / "build"), dataset_name=name, data_files={"train": str(src)})
+    builder.download_and_prepare()
+    target = cache / repo_id.replace("/", "___") / "default" / "0.0.0" / "0123abcd"
+    target.mkdir(parents=True)
+    for f in ("dataset_info.json", f"{name}-train.arrow"):
+        (Path(builder.cache_dir) / f).rename(target / f)
+
+
+@needs_datasets
+@pytest.mark.parametrize("offline", [True, False])
+def test_hub_dataset_name_from_the_local_cache(offline, model, tmp_path, hf_cache, monkeypatch):
+    """A dataset name is served from the datasets cache before any network: offline, and with downloads allowed
+    but the hub unreachable (an endpoint on a closed local port)."""
+    rows = PARAGRAPHS[:120]
+    hub_dataset_cache(hf_cache, "tiny-org/tiny_set", rows)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", offline)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
+    res = invoke("prune", model, tmp_path / "o", "--calib-dataset", "tiny-org/tiny_set:train", "--nsamples", 4,
+                 "--seqlen", 32, "--no-progress")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    expected = sha(expected_windows(model, [l for r in rows for l in r.split("\n")], 4, 32))
+    fp = state(tmp_path / "o")["fingerprint"]
+    assert fp["calibration_sha256"] == expected and fp["options"]["calib_dataset"] == "tiny-org/tiny_set:train"
+
+
 @needs_datasets
 def test_dataset_too_small_and_resume_refuses_another_dataset(model, tmp_path, hf_cache):
     small, other = tmp_path / "small", tmp_path / "other"
@@ -197,6 +232,13 @@ def test_dataset_name_not_in_cache_offline_is_one_line(model, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "not a local path and not in the local datasets cache" in lines[0] and "downloading is disabled" in lines[0]
     assert not (tmp_path / "o").exists()
+    # downloads allowed but the hub unreachable (an endpoint on a closed local port): one line, no retries printed
+    r = cli("prune", model, tmp_path / "o", "--calib-dataset", "nosuchuser/nosuchset", "--nsamples", 4,
+            "--seqlen", 32, env={"HF_DATASETS_OFFLINE": "0", "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+                                 "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "not in the local datasets cache" in lines[0] and "downloading failed (cannot reach 127.0.0.1" in lines[0]
 
 
 @needs_datasets

@@ -87,6 +87,29 @@ def test_plan_eval_report_take_a_hub_id(cached, tmp_path, monkeypatch):
         assert res.exit_code == 0, (args, res.stderr, res.exception)
 
 
+def test_incomplete_snapshot_offline_names_what_it_lacks(cached, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from huggingface_hub import constants
+
+    from streamprune.cli import main
+
+    _, cache = cached
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snap = cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT
+    shard = sorted(snap.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    res = CliRunner().invoke(main, ["plan", REPO_ID])
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, (res.stderr, res.exception)
+    assert f"its snapshot in the local Hugging Face cache ({snap}) lacks {shard.name}" in lines[0], lines[0]
+    assert "downloading is disabled (HF_HUB_OFFLINE)" in lines[0]
+    for f in snap.glob("*.safetensors*"):
+        f.unlink()
+    res = CliRunner().invoke(main, ["plan", REPO_ID])
+    assert "lacks model.safetensors or model.safetensors.index.json" in res.stderr, res.stderr
+
+
 def test_hub_id_not_cached_offline_is_one_line(tmp_path):
     r = cli("prune", "nosuch-org/nosuch-model", tmp_path / "o", "--method", "magnitude",
             env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
