@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import read_text, tokenize
 from .errors import StreamPruneError
 from .memory import MemoryMonitor
+from .progress import bar as progress_bar
 from .model import StreamedModel, block_output, capture, expert_parameters, experts_modules, targets
 from .runtime import collect_new_only
 from .shards import Checkpoint
@@ -90,7 +90,7 @@ class _Evaluator(StreamedModel):
             return self._run_grouped(i, hidden, kwargs, batches, progress, expert_group, *next(iter(found.items())))
         block, _ = self.load_block(i)
         try:
-            for j0, j1 in tqdm(batches, desc=f"block {i}", leave=False, disable=not progress):
+            for j0, j1 in progress_bar(batches, desc=f"block {i}", leave=False, enabled=progress):
                 y = block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i])
                 hidden[j0:j1] = y.to("cpu")
         finally:
@@ -116,7 +116,7 @@ class _Evaluator(StreamedModel):
                         pass
             sum_outputs(module, [t for t in targets(block) if t.module is module], src, calls, self.device)
             with Replaced(module, calls.replay):
-                for k, (j0, j1) in enumerate(tqdm(batches, desc=f"block {i}", leave=False, disable=not progress)):
+                for k, (j0, j1) in enumerate(progress_bar(batches, desc=f"block {i}", leave=False, enabled=progress)):
                     calls.batch = k
                     hidden[j0:j1] = block_output(block, hidden[j0:j1].to(self.device), kwargs[j1 - j0][i]).to("cpu")
         finally:
@@ -134,7 +134,7 @@ class _Evaluator(StreamedModel):
         losses = torch.empty(ids.shape[0], dtype=torch.float64)
         self.materialize_outside(with_head=True)
         try:
-            for j0, j1 in tqdm(batches, desc="head", leave=False, disable=not progress):
+            for j0, j1 in progress_bar(batches, desc="head", leave=False, enabled=progress):
                 final["hidden"] = hidden[j0:j1].to(self.device)
                 x = ids[j0:j1].to(self.device)
                 logits = self.skeleton(input_ids=x, use_cache=False).logits[:, :-1].float()
@@ -197,7 +197,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
         n = data.shape[0]
         batches = [(j, min(n, j + batch_size)) for j in range(0, n, batch_size)]
         hidden, kwargs = model.capture_inputs(data, batches)
-        for i in tqdm(range(len(model.blocks)), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True):
+        for i in progress_bar(range(len(model.blocks)), desc="blocks", unit="block", enabled=progress):
             model.run_block(i, hidden, kwargs, batches, progress, expert_group)
         losses = model.window_losses(data, hidden, batches, progress)
     nll = float(losses.mean())

@@ -154,8 +154,8 @@ class PruneJob:
             del tensors
             if acts is not None:
                 acts.swap()
+            bar.set_postfix(sparsity=f"{result.sparsity:.3f}")  # first: a log line per update shows this block's
             bar.update(1)
-            bar.set_postfix(sparsity=f"{result.sparsity:.3f}")
         bar.close()
         io.flush()
         if self.rt.stop_requested():  # unconditionally: a collective on every rank

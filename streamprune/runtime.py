@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import progress
 from .distributed import Dist
 from .errors import Interrupted
 
@@ -124,7 +125,8 @@ class Observer:
             self.seconds[name] += seconds
 
     def bar(self, iterable=None, **kwargs):
-        return tqdm(iterable, disable=not self.progress_enabled, dynamic_ncols=True, **kwargs)
+        """A bar on a terminal, plain lines in a log (progress.bar)."""
+        return progress.bar(iterable, enabled=self.progress_enabled, **kwargs)
 
     def log(self, msg: str) -> None:
         self._log(msg)
