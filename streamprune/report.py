@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -40,10 +41,12 @@ def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
     its experts), per block and overall, read from the shards of `out_dir` through the checkpoint's own layout
     (experts stored one by one or fused, FP8 codes).
 
-    Returns {"model", "blocks": [{"index", "sparsity", "linears": {name: sparsity}, "nm_2_4": {name: bool},
-    "experts": {name: [sparsity of each expert]}}], "overall"}; block and overall figures are weighted by element
-    count. `nm_2_4` says whether every matrix of the weight (every expert's) satisfies 2:4 along its input
-    dimension. With `png`, also draws a bar chart and heat map there.
+    Returns {"model", "pruning", "blocks": [{"index", "sparsity", "linears": {name: sparsity}, "nm_2_4": {name:
+    bool}, "experts": {name: [sparsity of each expert]}}], "overall"}; block and overall figures are weighted by
+    element count. `nm_2_4` says whether every matrix of the weight (every expert's) satisfies 2:4 along its input
+    dimension. `pruning` says what kind of pruning the checkpoint holds (`pruning_kind`). A `--structure width`
+    output also has "width" (`width_report`: intermediate size per block, parameters and bytes before and after).
+    With `png`, also draws a bar chart and heat map there (for width, the MLP width per block).
     """
     out_dir = Path(out_dir)
     if png is not None:
@@ -51,7 +54,8 @@ def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
     if not out_dir.is_dir():
         raise StreamPruneError(f"{out_dir}: no such model directory")
     ckpt = Checkpoint(out_dir)
-    model = StreamedModel(ModelInfo.load(out_dir).config, ckpt, "cpu", torch.float32)
+    info = ModelInfo.load(out_dir)
+    model = StreamedModel(info.config, ckpt, "cpu", torch.float32)
     model.check()
     blocks, total_zeros, total = [], 0, 0
     for i, block in enumerate(model.blocks):
@@ -81,9 +85,94 @@ def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
         blocks.append(entry)
         total_zeros, total = total_zeros + zeros, total + numel
     result = {"model": str(out_dir), "blocks": blocks, "overall": total_zeros / total if total else 0.0}
+    state = _job_state(out_dir)
+    result["pruning"] = pruning_kind(state, result)
+    if result["pruning"]["kind"] == "width":
+        result["width"] = width_report(model, ckpt, state, info.text.intermediate_size)
     if png is not None:
         plot(result, png)
     return result
+
+
+def _job_state(out_dir: Path):
+    """The job state streamprune left in a checkpoint it wrote, or None (none there, or unreadable)."""
+    from .state import JobDir
+
+    jobdir = JobDir(out_dir)
+    if not jobdir.exists():
+        return None
+    try:
+        return jobdir.load()
+    except StreamPruneError:
+        return None
+
+
+def pruning_kind(state, d: dict) -> dict:
+    """What pruning the checkpoint holds: from its job state where streamprune left one; otherwise inferred from
+    the zeros, saying so (a width-pruned checkpoint without its state looks dense: that is said too).
+    {"kind": unstructured | N:M | width | none | unknown, "structure", "method", "target_sparsity", "source"}."""
+    if state is not None:
+        o = state.fingerprint.get("options", {})
+        structure = str(o.get("structure", "unstructured"))
+        kind = "width" if structure == "width" else "N:M" if ":" in structure else "unstructured"
+        return {"kind": kind, "structure": structure, "method": o.get("method"), "target_sparsity": o.get("sparsity"),
+                "sparsity_profile": o.get("sparsity_profile"), "complete": state.complete, "source": "job state"}
+    flags = [ok for b in d["blocks"] for ok in b["nm_2_4"].values()]
+    inferred = {"structure": None, "method": None, "target_sparsity": None, "source": "inferred from the weights, no "
+                "streamprune job state here"}
+    if d["overall"] == 0:
+        return dict(inferred, kind="unknown", note="no zeros in the block weights: dense, or pruned by width "
+                                                    "(removed channels leave no trace without the job state)")
+    if flags and all(flags):
+        return dict(inferred, kind="N:M", structure="2:4", note="every weight is 2:4 along its input dimension")
+    return dict(inferred, kind="unstructured", note="zeros without a 2:4 pattern (an N:M pattern with M other than "
+                                                     "4 would read the same)")
+
+
+def width_report(model: StreamedModel, ckpt: Checkpoint, state, after_size: int) -> dict:
+    """A `--structure width` output: every block's MLP intermediate size before (from the job state: the consumer's
+    elements before, over its rows) and after (the stored consumer's columns), and the parameters and bytes of
+    the whole checkpoint after (its files) and before (plus the removed rows and columns, biases included)."""
+    from .width import find_mlp
+
+    stored = lambda name: [ckpt.tensors[p.name] for p in model.layout.pieces[name]]  # noqa: E731
+    blocks, removed, removed_bytes = [], 0, 0
+    for i, block in enumerate(model.blocks):
+        mlp = find_mlp(block, after_size)
+        prefix = model.block_prefix(i)
+        down, = stored(prefix + mlp.consumer + ".weight")
+        record = state.blocks.get(i)
+        after = down.shape[1]
+        before = record.linears[mlp.consumer]["numel"] // down.shape[0] if record else None
+        if record:
+            for name, change in record.linears.items():
+                removed += change["zeros"]
+                removed_bytes += change["zeros"] * down.dtype.itemsize
+            for name, copies in mlp.producers:  # a producer's bias loses the same rows
+                bias = prefix + name + ".bias"
+                if bias in model.layout.pieces:
+                    t, = stored(bias)
+                    removed += copies * (before - after)
+                    removed_bytes += copies * (before - after) * t.dtype.itemsize
+        blocks.append({"index": i, "before": before, "after": after})
+    params = sum(math.prod(t.shape) for t in ckpt.tensors.values())
+    nbytes = sum(t.nbytes for t in ckpt.tensors.values())
+    befores = {b["before"] for b in blocks}
+    return {"intermediate_size": {"before": befores.pop() if len(befores) == 1 else None, "after": after_size},
+            "blocks": blocks, "parameters": {"before": params + removed, "after": params},
+            "bytes": {"before": nbytes + removed_bytes, "after": nbytes}}
+
+
+def _pruning_line(p: dict) -> str:
+    if p["source"] == "job state":
+        what = {"width": "width (whole MLP channels removed)", "N:M": f"N:M {p['structure']}",
+                "unstructured": "unstructured"}[p["kind"]]
+        extra = "" if p.get("sparsity_profile") in (None, "uniform") else f", profile {p['sparsity_profile']}"
+        return (f"pruning: {what}, method {p['method']}, target {'width reduction' if p['kind'] == 'width' else 'sparsity'} "
+                f"{p['target_sparsity']}{extra} (from the job state" + ("" if p["complete"] else "; job not complete")
+                + ")")
+    what = {"unknown": "unknown", "N:M": "N:M 2:4", "unstructured": "unstructured"}[p["kind"]]
+    return f"pruning: {what} ({p['source']}; {p['note']})"
 
 
 def _columns(d: dict) -> list[str]:
@@ -100,12 +189,14 @@ def _short(names: list[str]) -> list[str]:
 def format_report(d: dict) -> str:
     """A table: one row per block (its sparsity, then each weight's), the experts' spread, how many weights are
     2:4, then the overall figure."""
+    if "width" in d:
+        return _format_width(d)
     names = _columns(d)
     headers = ["block", "all"] + _short(names)
     widths = [max(len(h), 6) for h in headers]
     rows = [[str(b["index"]), f"{b['sparsity']:.4f}"]
             + [f"{b['linears'][n]:.4f}" if n in b["linears"] else "-" for n in names] for b in d["blocks"]]
-    lines = [f"sparsity of decoder-block weights in {d['model']}",
+    lines = [f"sparsity of decoder-block weights in {d['model']}", _pruning_line(d["pruning"]),
              "  ".join(h.rjust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     spread = [s for b in d["blocks"] for per in b.get("experts", {}).values() for s in per]
@@ -114,6 +205,23 @@ def format_report(d: dict) -> str:
     flags = [ok for b in d["blocks"] for ok in b.get("nm_2_4", {}).values()]
     lines.append(f"2:4 along the input dimension: {sum(flags)} of {len(flags)} weights")
     lines.append(f"overall {d['overall']:.4f}")
+    return "\n".join(lines)
+
+
+def _format_width(d: dict) -> str:
+    """A width output: the MLP width of every block before and after, then parameters and size."""
+    from .units import human_bytes
+
+    w = d["width"]
+    fmt = lambda v: "?" if v is None else str(v)  # noqa: E731 - a block the state does not record
+    lines = [f"MLP width of the decoder blocks in {d['model']}", _pruning_line(d["pruning"]),
+             f"{'block':>5}  {'intermediate size before -> after':>34}"]
+    lines += [f"{b['index']:>5}  {fmt(b['before']) + ' -> ' + fmt(b['after']):>34}" for b in w["blocks"]]
+    p, n = w["parameters"], w["bytes"]
+    lines.append(f"parameters {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.2%} fewer); "
+                 f"size {human_bytes(n['before'])} -> {human_bytes(n['after'])}")
+    lines.append(f"exact zeros in the block weights: {d['overall']:.4f} (width pruning removes channels and adds no "
+                 f"zeros)")
     return "\n".join(lines)
 
 
@@ -127,10 +235,14 @@ def _matplotlib():
 
 
 def plot(d: dict, png: str | os.PathLike) -> None:
-    """Per-block sparsity as bars above a linear x block heat map, saved as a PNG."""
+    """Per-block sparsity as bars above a linear x block heat map, saved as a PNG (for a width output: the MLP
+    width of every block before and after)."""
     Figure = _matplotlib()
     from matplotlib.ticker import MaxNLocator
 
+    if "width" in d:
+        _plot_width(d, png, Figure, MaxNLocator)
+        return
     names = _columns(d)
     n = len(d["blocks"])
     grid = torch.full((len(names), n), float("nan"))
@@ -149,4 +261,21 @@ def plot(d: dict, png: str | os.PathLike) -> None:
     heat.set_xlabel("block")
     heat.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=heat, label="sparsity")
+    fig.savefig(png, dpi=100)
+
+
+def _plot_width(d: dict, png, Figure, MaxNLocator) -> None:
+    w = d["width"]
+    n = len(w["blocks"])
+    fig = Figure(figsize=(max(6.0, 0.25 * n + 3), 3.5), layout="constrained")
+    ax = fig.subplots()
+    x = range(n)
+    ax.bar(x, [b["before"] or 0 for b in w["blocks"]], color="lightgray", label="before")
+    ax.bar(x, [b["after"] for b in w["blocks"]], color="tab:blue", label="after")
+    p = w["parameters"]
+    ax.set_title(f"MLP intermediate size per decoder block\nparameters {p['before']:,} -> {p['after']:,}", fontsize=10)
+    ax.set_xlabel("block")
+    ax.set_ylabel("intermediate size")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="lower right")
     fig.savefig(png, dpi=100)
