@@ -21,7 +21,7 @@ from .io import BlockIO
 from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
 from .groups import ExpertSource, check_blocks
-from .model import StreamedModel, expert_parameters, experts_modules
+from .model import StreamedModel, expert_parameters, experts_modules, experts_problem
 from .plan import check_disk, itemsize, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
@@ -54,6 +54,9 @@ class PruneJob:
         self.model = StreamedModel(spec.model.config, self.ckpt, spec.device, spec.dtype, o.attn_implementation)
         self.model.check(spec.structure)
         self.model.fp8_reencode = o.method if spec.pruner.updates_weights else None
+        problem = experts_problem(self.model.blocks, self.model.config.model_type)
+        if problem:  # before anything is written: OUT untouched
+            raise StreamPruneError(f"cannot prune {spec.model.path}: {problem}")
         self.n_blocks = len(self.model.blocks)
         groups = self.model.copy_groups()
         total = len(groups) + self.n_blocks  # the copied shards first, then one shard per block
@@ -92,6 +95,8 @@ class PruneJob:
             rt.dist.agree(lambda: check_disk(self.plan, spec.out, sum(m["size"] for m in self.state.files.values())))
             self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk,
                                   spec.options.expert_min_tokens, spec.profile)
+            if not spec.needs_data:
+                self.loop.probe = self._probe
             try:
                 start = self._verify() if resumed else 0
                 with BlockIO(self.model.read_block, spec.options.overlap and self.plan.overlap, self.obs.phase) as io:
@@ -294,6 +299,16 @@ class PruneJob:
                 raise self.rt.interrupted("stopped before any new block", self.spec.out) from None
             raise
         return acts
+
+    def _probe(self):
+        """(block-0 input, every block's call kwargs) of one 16-token probe window: the forward by which a method
+        without calibration data finds a Mixture-of-Experts block's routers (loop.BlockLoop.find_routers)."""
+        if getattr(self, "_probed", None) is None:
+            ids = (torch.arange(min(16, self.spec.options.seqlen)) % self.spec.model.text.vocab_size).unsqueeze(0)
+            with self.obs.phase("capture", self.spec.device):
+                captured = self.model.capture([ids])
+            self._probed = (captured.inputs[0], captured.kwargs[1])
+        return self._probed
 
     def capture(self, batches, only_kwargs: bool):
         """Block-0 inputs (and every block's call arguments) from the model's own forward."""

@@ -16,6 +16,7 @@ from .memory import trim
 from .errors import StreamPruneError
 from .groups import Calls, Replaced, each_group, group_call, refuse_unsupported, sum_outputs
 from .model import all_finite, block_output, expert_count, experts_modules, targets
+from .routing import find_routers
 from .statistics import BlockStatistics, GroupStatistics, StopForward, _forced_routing
 
 
@@ -70,6 +71,7 @@ class BlockLoop:
         self.needs = pruner.needs | (profile.within_needs if profile is not None else frozenset())
         self.device, self.dtype, self.row_chunk = device, dtype, row_chunk
         self.expert_min_tokens = expert_min_tokens
+        self.probe = None  # () -> (hidden, [kwargs of block i]) of a probe window: routers without calibration
         self.calls = None  # expert groups: the experts module's recorded calls (groups.Calls) while a pass runs
 
     @torch.no_grad()
@@ -150,6 +152,7 @@ class BlockLoop:
         host, to be streamed through the device in groups."""
         if self.structure.width:
             return self._prune_width(i, block, acts, sparsity)
+        self.find_routers(i, block, acts)
         if experts is not None:
             return self._prune_grouped(i, block, acts, sparsity, want_masks, experts)
         stats = None
@@ -167,6 +170,20 @@ class BlockLoop:
             with self.obs.phase("propagate", self.device):
                 self.forward_all(block, i, acts, "propagate")
         return result
+
+    def find_routers(self, i: int, block: nn.Module, acts) -> None:
+        """Block i's router linears (routing.find_routers), from one forward of its first calibration batch, or
+        of `self.probe` (the captured input of a probe window: methods without calibration data)."""
+        if not experts_modules(block):
+            return
+        if acts is not None:
+            j0, j1 = acts.batches[0]
+            a, b = acts.local(j0, j1)
+            hidden, kwargs = acts.inputs.read(a, b, self.device), acts.kwargs[j1 - j0][i]
+        else:
+            hidden, kwargs = self.probe()
+            kwargs = kwargs[i]
+        find_routers(block, hidden, kwargs)
 
     def prune_targets(self, i: int, found: list, stats, per: dict, sparsity: float, want_masks: set,
                       result: BlockResult, experts: range | None = None, masks: dict | None = None) -> None:
@@ -327,6 +344,7 @@ class BlockLoop:
         scores = []
         for i in self.obs.bar(range(len(model.blocks)), desc=f"{profile.name} sweep", unit="block"):
             block, _ = model.load_block(i)
+            self.find_routers(i, block, acts)
             stats = self.statistics(block, i, acts, profile.needs, profile.name, outputs=True)
             self.fallback(block, i, acts, stats)
             pairs = [(t.matrix(t.weight, e), stats.stats[(t.name, e)]) for t in stats.targets

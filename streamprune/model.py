@@ -92,11 +92,15 @@ def build_skeleton(config, attn_implementation: str = "sdpa", dtype: torch.dtype
 
 
 def find_blocks(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks: the largest list of same-class modules that contain linears."""
+    """The ModuleList of decoder blocks: the largest list of same-class modules that contain linears, not nested
+    in an element of another list (LongCat-Flash's per-layer `mlps` are not its blocks)."""
     n_layers = getattr(config, "num_hidden_layers", None)
     best = None
+    lists = [name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)]
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if any(name.startswith(f"{outer}.") for outer in lists):
             continue
         if len({type(m) for m in mod}) != 1 or not any(isinstance(x, nn.Linear) for x in mod[0].modules()):
             continue
@@ -106,7 +110,8 @@ def find_blocks(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
         if best is None or size > best[2]:
             best = (name, mod, size)
     if best is None:
-        raise StreamPruneError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks found")
+        raise StreamPruneError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks found"
+                               + (f" (num_hidden_layers {n_layers} blocks)" if n_layers is not None else ""))
     return best[0], best[1]
 
 
@@ -160,13 +165,15 @@ class Captured:
 class _Recorder(nn.Module):
     """Stands in for block i during capture: records its call, passes hidden states through."""
 
-    def __init__(self, index: int, sink: dict, last: bool):
+    def __init__(self, index: int, sink: dict, last: bool, family: str = ""):
         super().__init__()
-        self.index, self.sink, self.last = index, sink, last
+        self.index, self.sink, self.last, self.family = index, sink, last, family
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
-            raise StreamPruneError("unsupported architecture: decoder blocks are called with positional arguments")
+            raise StreamPruneError(f"unsupported architecture {self.family}: its decoder blocks take {len(args)} more "
+                                   f"positional input(s) besides the hidden states (per-layer inputs); streamprune "
+                                   f"replays a block from its keyword arguments")
         if self.index == 0:
             self.sink["input"] = hidden_states
         self.sink.setdefault("kwargs", {})[self.index] = kwargs
@@ -198,7 +205,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
     sink: dict = {}
     n = len(blocks)
     for i in range(n):
-        blocks[i] = _Recorder(i, sink, last=(i == n - 1))
+        blocks[i] = _Recorder(i, sink, last=(i == n - 1), family=getattr(model.config, "model_type", ""))
     out = Captured()
     try:
         for ids in batches:
@@ -307,12 +314,29 @@ def experts_modules(block: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def experts_problem(blocks, family: str) -> str | None:
+    """What makes a Mixture-of-Experts block unprunable, said as what it is: 3-D parameters of one module that
+    disagree on the expert count (LongCat-Flash's zero-computation experts: routed indices beyond the experts
+    that compute, gate_up_proj sized for all of them, down_proj for the computing ones only)."""
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            counts = {a: p.shape[0] for a, p in mod.named_parameters(recurse=False) if p.dim() == 3}
+            if len(set(counts.values())) > 1:
+                said = ", ".join(f"{a} {n}" for a, n in counts.items())
+                return (f"{family}: block {i} {name}: its expert parameters disagree on the number of experts ({said}): "
+                        f"experts beside the computing ones (zero or identity experts) are not supported")
+    return None
+
+
 def targets(block: nn.Module) -> list[Target]:
-    """Every weight of the block the pruner prunes, in module order. Not pruned: routers (never an nn.Linear in
-    transformers 5) and linears that gate a Mixture-of-Experts block with one score per expert or a single
-    scalar (Qwen2-MoE's shared_expert_gate): routing, not computation."""
+    """Every weight of the block the pruner prunes, in module order. Not pruned: routers (the linears whose
+    outputs produce the routing, found from the block's own forward by routing.find_routers before a block is
+    pruned) and linears that gate a Mixture-of-Experts block with one score per expert or a single scalar
+    (Qwen2-MoE's shared_expert_gate): routing, not computation."""
+    from .routing import routers_of
+
     experts = experts_modules(block)
-    gates = set()
+    gates = set(routers_of(block))
     for name, mod in experts.items():
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         count = expert_count(mod)

@@ -70,10 +70,20 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
         hidden=text.hidden_size,
         intermediate=max(int(s[0]) for s in shapes),
         heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", heads) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        kv_heads=_widest(text, "num_key_value_heads", heads) or heads,
+        head_dim=_widest(text, "head_dim", None) or text.hidden_size // heads,
         stat_inputs=_distinct_inputs(block, linears) + experts,
     )
+
+
+def _widest(text, key: str, default):
+    """config.`key`, or its largest value over the layers where it is a per-layer attribute (Gemma-4's head_dim:
+    its full-attention layers are wider), which transformers refuses to read globally."""
+    try:
+        return getattr(text, key, default)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        values = [getattr(text.per_layer_config[i], key, None) for i in range(text.num_hidden_layers)]
+        return max((v for v in values if v is not None), default=default)
 
 
 def _distinct_inputs(block: nn.Module, linears: list) -> tuple:

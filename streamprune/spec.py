@@ -183,8 +183,9 @@ class PruneOptions:
             raise StreamPruneError("--snapshot-every must be 0 (never) or more")
         if self.expert_group < 0:
             raise StreamPruneError("--expert-group must be 0 (as the plan says) or a positive number of experts")
-        if self.expert_min_tokens < 0:
-            raise StreamPruneError("--expert-min-tokens must be 0 or more")
+        if self.expert_min_tokens < 1:  # 0 would prune an expert no token reached from all-zero statistics
+            raise StreamPruneError("--expert-min-tokens must be at least 1: an expert that no calibration token "
+                                   "reaches has no statistics, and takes the all-tokens fallback")
         if self.width_multiple < 1:
             raise StreamPruneError("--width-multiple must be at least 1")
         if structure.width:

@@ -168,15 +168,37 @@ def _expert_matmul(experts, weight, e, x, bias=None):
     return y + bias[e] if bias is not None else y
 
 
+class _ExpertRows(torch.overrides.TorchFunctionMode):
+    """Experts modules that are not a gate_up_proj/down_proj pair (JetMoE's parallel experts): every product of an
+    input with expert e's slice of a 3-D parameter, as the model's own code computes it, adds those rows to e's
+    statistics (`rows[(module, parameter name, e)]`)."""
+
+    def __init__(self, params: dict):
+        super().__init__()
+        self.params, self.rows = params, {}  # id(3-D parameter) -> (module, name)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            w = args[1]
+            base = getattr(w, "_base", None)
+            if base is not None and id(base) in self.params:
+                e = (w.storage_offset() - base.storage_offset()) // base.stride(0)
+                self.rows.setdefault((*self.params[id(base)], e), []).append(args[0])
+        return func(*args, **kwargs)
+
+
 @torch.no_grad()
-def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0) -> dict:
+def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0,
+                        routers: tuple = ()) -> dict:
     """Wanda, the rule of issue 11 written out on transformers' own model (eager experts, batch 1): every linear
-    of a block except routing gates as usual; each expert's matrices with the statistics of the rows the model's
-    router sends it (the gate/up input: those tokens' hidden states; the down input: the expert's own gated
-    activations of them), a sequence that sends it no token still counting. Returns {name: mask}."""
+    of a block except routing gates (and the linears named in `routers`, module names inside a layer) as usual;
+    each expert's matrices with the statistics of the rows the model's router sends it (the gate/up input: those
+    tokens' hidden states; the down input: the expert's own gated activations of them), a sequence that sends it
+    no token still counting. Returns {name: mask}."""
     masks, names = {}, {mod: name for name, mod in model.named_modules()}
     for layer in decoder_layers(model):
-        gates = _gates(layer)
+        gates = _gates(layer) | {layer.get_submodule(r) for r in routers}
         linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear) and mod not in gates]
         scalers = {lin: _Scaler(lin) for lin in linears}
         experts_mods = _experts_modules(layer)
@@ -184,11 +206,16 @@ def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int 
         for ex in experts_mods:
             for pname, p in ex.named_parameters(recurse=False):
                 if p.dim() == 3:
-                    width = p.shape[1] if ex.is_transposed else p.shape[2]
+                    width = p.shape[1] if getattr(ex, "is_transposed", False) else p.shape[2]
                     for e in range(p.shape[0]):
                         per_expert[(ex, pname, e)] = [torch.zeros(width), 0]
 
+        generic = {id(p): (ex, pname) for ex in experts_mods if not hasattr(ex, "gate_up_proj")
+                   for pname, p in ex.named_parameters(recurse=False) if p.dim() == 3}
+
         def experts_hook(ex, args, kwargs):
+            if not hasattr(ex, "gate_up_proj"):
+                return
             h, idx = args[0], args[1] if len(args) > 1 else kwargs.get("router_indices", kwargs.get("top_k_index"))
             gu, down = ex.gate_up_proj, ex.down_proj
             gu_b, down_b = getattr(ex, "gate_up_proj_bias", None), getattr(ex, "down_proj_bias", None)
@@ -205,10 +232,19 @@ def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int 
         handles += [ex.register_forward_pre_hook(experts_hook, with_kwargs=True) for ex in experts_mods]
         handles.append(layer.register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop())))
         for s in range(ids.shape[0]):
+            watch = _ExpertRows(generic)
             try:
-                model(input_ids=ids[s:s + 1], use_cache=False)
+                with watch:
+                    model(input_ids=ids[s:s + 1], use_cache=False)
             except _Stop:
                 pass
+            for key, acc in per_expert.items():
+                if key[0] in {g[0] for g in generic.values()}:
+                    rows = watch.rows.get(key, [])
+                    x = torch.cat(rows) if rows else torch.zeros(0, acc[0].shape[0])
+                    acc[0] *= acc[1] / (acc[1] + 1)
+                    acc[1] += 1
+                    acc[0] += torch.norm(x.t().float(), p=2, dim=1) ** 2 / acc[1]
         for h in handles:
             h.remove()
         for lin in linears:
@@ -218,7 +254,7 @@ def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int 
             masks[names[lin] + ".weight"] = mask
         for (ex, pname, e), (s, _) in per_expert.items():
             p = getattr(ex, pname).data
-            W = p[e].t() if ex.is_transposed else p[e]
+            W = p[e].t() if getattr(ex, "is_transposed", False) else p[e]
             mask = _mask(W.float().abs() * torch.sqrt(s.reshape(1, -1)), sparsity, n, m)
             W[mask] = 0
             masks[f"{names[ex]}.{pname}[{e}]"] = mask

@@ -38,7 +38,25 @@ def moe_config(family: str):
         return transformers.GptOssConfig(**SMALL, intermediate_size=64, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2, head_dim=16, sliding_window=8,
                                          layer_types=["sliding_attention", "full_attention"])
+    if family == "jetmoe":  # linear routers (router.layer), and mixture-of-attention experts in self_attention
+        return transformers.JetMoeConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                                         kv_channels=16, intermediate_size=32, num_local_experts=4,
+                                         num_experts_per_tok=2, max_position_embeddings=128)
+    if family == "hunyuan_v1_moe":  # a linear router (gate.wg) inside a gate module that does the top-k
+        return transformers.HunYuanMoEV1Config(**SMALL, num_key_value_heads=2, intermediate_size=32, num_experts=4,
+                                               moe_topk=2, head_dim=16)
+    if family == "afmoe":  # a linear router (router.gate) with sigmoid scores and an expert bias
+        return transformers.AfmoeConfig(**SMALL, num_key_value_heads=2, intermediate_size=64,
+                                        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                        num_dense_layers=0)
     raise KeyError(family)
+
+
+LINEAR_ROUTERS = {  # what the test knows by name; streamprune finds them from the routing (routing.py)
+    "jetmoe": ("mlp.router.layer", "self_attention.experts.router.layer"),
+    "hunyuan_v1_moe": ("mlp.gate.wg",),
+    "afmoe": ("mlp.router.gate",),
+}
 
 
 def make_moe(path, family: str, fused: bool = False, seed: int = 0):
@@ -69,11 +87,11 @@ def calib(tmp_path_factory):
     return write_ids(tmp_path_factory.mktemp("moe") / "ids.jsonl", 8, 32)
 
 
-def check_against_reference(model_dir, out, calib, n=0, m=0, sparsity=0.5):
+def check_against_reference(model_dir, out, calib, n=0, m=0, sparsity=0.5, routers=()):
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, experts_implementation="eager",
                                                attn_implementation="eager" if "gpt_oss" in str(model_dir) else None)
     src = {k: v.clone() for k, v in ref.state_dict().items()}
-    masks = reference_prune_moe(ref, ids_of(calib), sparsity, n, m)
+    masks = reference_prune_moe(ref, ids_of(calib), sparsity, n, m, routers)
     got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     sd, want = got.state_dict(), ref.state_dict()
     assert set(sd) == set(want)
@@ -104,7 +122,7 @@ def check_report(out, masks, n, m):
 def test_experts_match_reference(family, calib, tmp_path):
     model = make_moe(tmp_path / family, family)
     s = streamprune.prune(model, tmp_path / "out", calib=str(calib), nsamples=8, seqlen=32, progress=False,
-                          expert_min_tokens=0)
+                          expert_min_tokens=1)
     masks = check_against_reference(model, tmp_path / "out", calib)
     experts = [k for k in masks if "[" in k]
     assert experts and s["experts"] == len(experts) // 2 and s["experts_fallback"] == 0  # gate/up and down each
@@ -123,7 +141,7 @@ def test_experts_match_reference(family, calib, tmp_path):
 def test_fused_layout_on_disk_and_nm(structure, calib, tmp_path):
     model = make_moe(tmp_path / "qwen3_moe", "qwen3_moe", fused=True)
     streamprune.prune(model, tmp_path / "out", calib=str(calib), nsamples=8, seqlen=32, progress=False,
-                      structure=structure, expert_min_tokens=0)
+                      structure=structure, expert_min_tokens=1)
     n, m = (2, 4) if structure == "2:4" else (0, 0)
     check_against_reference(model, tmp_path / "out", calib, n, m)
     from safetensors import safe_open
@@ -135,7 +153,7 @@ def test_fused_layout_on_disk_and_nm(structure, calib, tmp_path):
 def test_gpt_oss_transposed_experts_with_biases(calib, tmp_path):
     model = make_moe(tmp_path / "gpt_oss", "gpt_oss")
     s = streamprune.prune(model, tmp_path / "out", calib=str(calib), nsamples=8, seqlen=32, progress=False,
-                          expert_min_tokens=0)
+                          expert_min_tokens=1)
     check_against_reference(model, tmp_path / "out", calib)
     assert s["experts"] == 8
 
@@ -149,7 +167,7 @@ def test_starved_experts_take_the_all_tokens_statistics(calib, tmp_path):
     assert s["experts_fallback"] == s["experts"] == 8
     assert s["sparsity"] == pytest.approx(0.5)
     t = streamprune.prune(model, tmp_path / "out0", calib=str(calib), nsamples=8, seqlen=32, progress=False,
-                          expert_min_tokens=0)
+                          expert_min_tokens=1)
     got, ref = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (tmp_path / "out", tmp_path / "out0"))
     assert not torch.equal(got["model.layers.0.mlp.experts.down_proj"], ref["model.layers.0.mlp.experts.down_proj"])
     assert t["experts_fallback"] == 0
@@ -163,3 +181,118 @@ def test_router_and_output_generate(calib, tmp_path):
     assert torch.equal(got.model.layers[1].mlp.gate.weight, src.model.layers[1].mlp.gate.weight)
     out = got.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("family", sorted(LINEAR_ROUTERS))
+def test_linear_routers_found_from_the_routing(family, calib, tmp_path):
+    """Routers that are nn.Linear (JetMoE's router.layer, also in its mixture-of-attention experts; HunYuan's
+    gate.wg; AFMoE's router.gate) are found from the routing and stay bit-identical; every expert (JetMoE's
+    attention experts included) and every other linear equals the reference."""
+    model = make_moe(tmp_path / family, family)
+    s = streamprune.prune(model, tmp_path / "out", calib=str(calib), nsamples=8, seqlen=32, progress=False,
+                          expert_min_tokens=1)
+    masks = check_against_reference(model, tmp_path / "out", calib, routers=LINEAR_ROUTERS[family])
+    got, src = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (tmp_path / "out", model))
+    routers = [k for k in src for r in LINEAR_ROUTERS[family] if f".{r}.weight" in k]
+    assert len(routers) == 2 * len(LINEAR_ROUTERS[family])
+    for k in routers:
+        assert torch.equal(got[k], src[k]), k
+        assert k not in masks
+    assert s["sparsity"] == pytest.approx(0.5) and any("[" in k for k in masks)
+
+
+@pytest.mark.parametrize("options", [dict(method="magnitude"), dict(expert_group=2, expert_min_tokens=1)],
+                         ids=["magnitude", "groups"])
+def test_linear_router_kept_without_calibration_and_in_groups(options, calib, tmp_path):
+    """Magnitude has no calibration data: its routers come from a probe window's forward. Experts streamed in
+    groups: the trace stops before the experts, which are on the host."""
+    model = make_moe(tmp_path / "hunyuan", "hunyuan_v1_moe")
+    data = {} if "method" in options else dict(calib=str(calib), nsamples=8, seqlen=32)
+    s = streamprune.prune(model, tmp_path / "out", progress=False, **data, **options)
+    got, src = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (tmp_path / "out", model))
+    for k in ("model.layers.0.mlp.gate.wg.weight", "model.layers.1.mlp.gate.wg.weight"):
+        assert torch.equal(got[k], src[k]), k
+    assert s["sparsity"] == pytest.approx(0.5, abs=1e-3) and s["experts"] == 8
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    extra = ["--no-progress"] if args[0] == "prune" else []
+    return subprocess.run([sys.executable, "-m", "streamprune", *map(str, args), *extra], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+
+
+def _refused(res, match, out):
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("streamprune: error: ") and match in lines[0], lines[0]
+    assert not (out / "model.safetensors.index.json").exists()
+
+
+def test_expert_min_tokens_zero_refused(calib, tmp_path):
+    """0 would prune an expert that no calibration token reached from all-zero statistics: an arbitrary mask."""
+    model = make_moe(tmp_path / "m", "qwen3_moe")
+    res = _cli("prune", model, tmp_path / "out", "--calib", calib, "--nsamples", 8, "--seqlen", 32,
+               "--expert-min-tokens", 0)
+    _refused(res, "--expert-min-tokens must be at least 1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_longcat_flash_refused_up_front(calib, tmp_path):
+    """LongCat-Flash (it was an internal error): its decoder layers each hold two sublayers (num_hidden_layers is
+    twice their count), and the list of its per-layer MLPs is no list of blocks. Refused by name before OUT is
+    touched."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LongcatFlashConfig(vocab_size=256, hidden_size=64, num_layers=1, num_attention_heads=4,
+                                          n_routed_experts=4, zero_expert_num=2, moe_topk=2, ffn_hidden_size=64,
+                                          expert_ffn_hidden_size=32, q_lora_rank=32, kv_lora_rank=16,
+                                          qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                          max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    res = _cli("prune", tmp_path / "m", tmp_path / "out", "--calib", calib, "--nsamples", 8, "--seqlen", 32)
+    _refused(res, "unsupported architecture LongcatFlashForCausalLM: no list of decoder blocks found", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_experts_disagreeing_on_their_count_refused():
+    """Zero-computation experts beside the routed ones (LongCat-Flash's layout: gate_up_proj sized for all of
+    them, down_proj for the computing ones) in a block: refused by name, whichever family holds them."""
+    from torch import nn
+
+    from streamprune.model import experts_problem
+
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.zeros(6, 8, 4))
+    experts.down_proj = nn.Parameter(torch.zeros(4, 4, 4))
+    block = nn.Module()
+    block.experts = experts
+    assert experts_problem([block], "fam") == ("fam: block 0 experts: its expert parameters disagree on the number "
+                                               "of experts (gate_up_proj 6, down_proj 4): experts beside the computing "
+                                               "ones (zero or identity experts) are not supported")
+    experts.down_proj = nn.Parameter(torch.zeros(6, 4, 4))
+    assert experts_problem([block], "fam") is None
+
+
+def test_gemma4_moe_refused_by_name(calib, tmp_path):
+    """Gemma-4 (MoE layers on): per-layer head_dim no longer breaks the plan; its blocks take per-layer inputs
+    positionally, which streamprune cannot replay: refused naming the family before any block is pruned."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                        max_position_embeddings=128, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"], enable_moe_block=True,
+                                        num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                                        hidden_size_per_layer_input=0, vocab_size_per_layer_input=256)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    plan = _cli("plan", tmp_path / "m")
+    assert plan.returncode == 0, plan.stderr
+    res = _cli("prune", tmp_path / "m", tmp_path / "out", "--calib", calib, "--nsamples", 8, "--seqlen", 32)
+    _refused(res, "unsupported architecture gemma4_text: its decoder blocks take 1 more positional input",
+             tmp_path / "out")
