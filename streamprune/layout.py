@@ -22,7 +22,6 @@ computed from (NaN, Inf, or codes x scale beyond float32).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -132,14 +131,20 @@ def scale_shape(shape: tuple, block: tuple) -> tuple:
 
 
 class Layout:
-    """For every parameter (and persistent buffer) the model needs: the checkpoint tensors that hold it."""
+    """For every parameter (and persistent buffer) the model needs: the checkpoint tensors that hold it. The rules
+    are the model's own (`get_model_conversion_mapping`: by class, then model_type, plus transformers' legacy
+    renamings): GPT-NeoX's `embed_out` is its `lm_head`, Mixtral's `block_sparse_moe` its `mlp`."""
 
-    def __init__(self, config, needed: dict, available: dict):
-        """`needed`: parameter name -> shape; `available`: checkpoint tensor name -> (dtype, shape)."""
+    def __init__(self, config, needed: dict, available: dict, model=None):
+        """`needed`: parameter name -> shape; `available`: checkpoint tensor name -> (dtype, shape); `model`: the
+        skeleton whose conversion rules apply (else those of config.model_type)."""
         self.block = fp8_block(config)
         self.pieces: dict[str, list[Piece]] = {}
-        renamed = self._renamed(config, available)  # name as the model would call it -> checkpoint name
-        converters = self._converters(config)
+        self._rules = self._mapping(config, model)
+        # checkpoint name -> the name the model calls it (transformers' renamings, and its base-model prefix rule)
+        self.model_names = self._model_names(available, needed, getattr(model, "base_model_prefix", None))
+        renamed = {new: name for name, new in self.model_names.items() if new != name}
+        converters = self._converters()
         for name, shape in needed.items():
             if name in available:
                 self.pieces[name] = [self._piece(name, available)]
@@ -158,36 +163,34 @@ class Layout:
         return Piece(name, **kw)
 
     @staticmethod
-    def _mapping(config):
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    def _mapping(config, model) -> list:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
 
+        if model is not None:
+            return get_model_conversion_mapping(model)
         return get_checkpoint_conversion_mapping(config.model_type) or []
 
-    def _renamed(self, config, available: dict) -> dict:
-        from transformers.core_model_loading import WeightRenaming
+    def _model_names(self, available: dict, needed: dict, base_model_prefix: str | None) -> dict:
+        from transformers.core_model_loading import WeightConverter, rename_source_key
 
-        renamings = [t for t in self._mapping(config) if isinstance(t, WeightRenaming)]
-        out = {}
-        for name in available:
-            new = name
-            for t in renamings:
-                for src, dst in zip(t._original_source_patterns, t._original_target_patterns):
-                    new = re.sub(src, dst, new)
-            if new != name:
-                out[new] = name
-        return out
+        renamings = [t for t in self._rules if not isinstance(t, WeightConverter)]
+        meta = dict.fromkeys(needed, True) if base_model_prefix else None
+        return {name: rename_source_key(name, renamings, [], base_model_prefix, meta)[0] for name in available}
 
-    def _converters(self, config) -> list:
+    def _converters(self) -> list:
         from transformers.core_model_loading import WeightConverter
 
-        return [t for t in self._mapping(config) if isinstance(t, WeightConverter)]
+        return [t for t in self._rules if isinstance(t, WeightConverter)]
 
     def _convert(self, conv, name: str, shape: tuple, renamed: dict, available: dict) -> list[Piece] | None:
         """Pieces of parameter `name` under one converter, or None when it does not apply."""
         from transformers.core_model_loading import Concatenate, MergeModulelist
 
         targets = [t.lstrip(".") for t in conv._original_target_patterns]
-        if len(targets) != 1 or not name.endswith(targets[0]):
+        if len(targets) != 1:
+            self._check_split(conv, name, targets, renamed, available)
+            return None
+        if not name.endswith(targets[0]):
             return None
         ops = conv.operations
         if not (ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and
@@ -210,6 +213,21 @@ class Layout:
                                           stop=stop if len(ops) == 2 else None))
             start = stop
         return pieces
+
+    @staticmethod
+    def _check_split(conv, name: str, targets: list, renamed: dict, available: dict) -> None:
+        """A converter that fills several parameters from one checkpoint tensor (a fused `query_key_value` split
+        into q/k/v): when `name` is one of them and the checkpoint holds the fused tensor, say so (not 'missing')."""
+        for target in targets:
+            if f".{target}." not in f".{name}":
+                continue
+            for source in conv._original_source_patterns:
+                fused = f".{name}".replace(f".{target}.", f".{source.lstrip('.')}.", 1)[1:]
+                if fused in available or fused in renamed:
+                    raise StreamPruneError(
+                        f"parameter {name}: the checkpoint stores it inside {renamed.get(fused, fused)} through "
+                        f"conversion operations {[type(o).__name__ for o in conv.operations]}, which streamprune "
+                        f"does not read")
 
     def sources(self, name: str) -> list[str]:
         """The checkpoint tensors parameter `name` is read from (FP8 scales included)."""

@@ -409,7 +409,7 @@ class StreamedModel:
         self.floating = {n for n, t in self.skeleton.named_parameters()}
         self.floating.update(n for n, t in self.skeleton.named_buffers() if t.is_floating_point())
         needed = {n: self.shapes[n] for n in checkpoint_names(self.skeleton)}
-        self.layout = Layout(config, needed, {n: (t.dtype, t.shape) for n, t in ckpt.tensors.items()})
+        self.layout = Layout(config, needed, {n: (t.dtype, t.shape) for n, t in ckpt.tensors.items()}, self.skeleton)
         self.fp8_reencode: str | None = None  # the method, when it writes updated weights (see _dequantized)
 
     # ------------------------------------------------------------------ names
@@ -424,9 +424,10 @@ class StreamedModel:
         return f"{self.blocks_name}.{i}."
 
     def block_names(self, i: int) -> list[str]:
-        """The checkpoint's tensors under block i's prefix (all of them, whether the module knows them or not)."""
+        """The checkpoint's tensors under block i's prefix as the model names them (all of them, whether the module
+        knows them or not)."""
         prefix = self.block_prefix(i)
-        return sorted(n for n in self.ckpt.tensors if n.startswith(prefix))
+        return sorted(n for n, model_name in self.layout.model_names.items() if model_name.startswith(prefix))
 
     def copy_names(self) -> list[str]:
         """Every tensor that is not in a decoder block: embeddings, final norm, head, unknown tensors, and layers

@@ -17,7 +17,7 @@ class _Stop(Exception):
 
 
 def decoder_layers(model) -> nn.ModuleList:
-    return model.model.layers
+    return model.base_model.layers  # `model.layers` of most families, `gpt_neox.layers` of GPT-NeoX
 
 
 def _collect(model, layer, ids, hooks_for, batch_size=1):

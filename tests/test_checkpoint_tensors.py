@@ -77,3 +77,49 @@ def test_non_float_tensors_the_model_does_not_compute_with_are_copied(model, ids
     got = tensors(tmp_path / "out")
     for k, v in extra.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_gpt_neox_output_head_found_through_the_models_own_key_mapping(tiny_models, ids_file, tmp_path):
+    """GPT-NeoX checkpoints call the output head `embed_out.weight`; the model's `get_output_embeddings()` is
+    `lm_head`, and transformers' key mapping for the class renames one into the other. Pruned exactly as the
+    in-memory reference prunes transformers' own model, the head copied bit for bit under its own name, and
+    the output loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from reference import reference_prune
+    from test_equivalence import assert_same_model, load_ids, run
+
+    model = tiny_models("gpt_neox")
+    stored = tensors(model)
+    assert "embed_out.weight" in stored and "lm_head.weight" not in stored
+    summary = run(model, tmp_path / "out", ids_file, sparsity=0.5)
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    masks = reference_prune(ref, load_ids(ids_file), 0.5)
+    assert len(masks) == 4 * 3  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h in each of 3 blocks
+    assert_same_model(tmp_path / "out", ref, load_ids(ids_file))
+    assert summary["sparsity"] == pytest.approx(sum(m.sum().item() for m in masks.values()) /
+                                                sum(m.numel() for m in masks.values()))
+    got = tensors(tmp_path / "out")
+    assert set(got) == set(stored)
+    unpruned = [k for k in stored if k.replace(".weight", "") not in {n.replace(".weight", "") for n in masks}]
+    assert "embed_out.weight" in unpruned and "gpt_neox.embed_in.weight" in unpruned
+    for k in unpruned:
+        assert got[k].dtype == stored[k].dtype and torch.equal(got[k], stored[k]), k
+
+
+def test_a_fused_tensor_the_model_splits_is_named_not_missing(tmp_path, ids_file):
+    """A checkpoint tensor that transformers splits into several parameters (SarvamMoE's fused
+    `query_key_value` into q/k/v) is refused for what it is, not as a missing tensor."""
+    import transformers
+
+    from tiny import COMMON
+
+    cfg = transformers.AutoConfig.for_model("sarvam_moe", **dict(COMMON, num_hidden_layers=2, head_dim=16,
+                                                                  num_experts=4, num_experts_per_tok=2,
+                                                                  moe_intermediate_size=32, first_k_dense_replace=1))
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    assert "model.layers.0.attention.query_key_value.weight" in tensors(tmp_path / "model")
+    expect_error(tmp_path / "model", tmp_path / "out", "--calib", ids_file, *ARGS,
+                 match="parameter model.layers.0.self_attn.q_proj.weight: the checkpoint stores it inside "
+                       "model.layers.0.attention.query_key_value.weight through conversion operations ['Split'], "
+                       "which streamprune does not read")

@@ -34,10 +34,16 @@ FAMILIES = {
 }
 
 
+# families built on demand only (not in the suite's every-family parametrizations)
+MORE_FAMILIES = {
+    "gpt_neox": ("GPTNeoXConfig", {}),  # output head `embed_out` in its checkpoints, `lm_head` in the model
+}
+
+
 def make_config(family: str, realistic: bool = False, **overrides):
     import transformers
 
-    cls_name, extra = FAMILIES[family]
+    cls_name, extra = {**FAMILIES, **MORE_FAMILIES}[family]
     kw = dict(COMMON, **(REALISTIC if realistic else {}), **extra)
     kw.update(overrides)
     return getattr(transformers, cls_name)(**kw)
