@@ -116,6 +116,23 @@ def default_out() -> Path:
     return default_cache() / "demo-out"
 
 
+def check_out(out: Path, model_dir: Path) -> None:
+    """The demo replaces its own earlier output only: a non-empty `out` that is not a demo job (a streamprune job
+    on the demo's model) is refused before anything runs."""
+    from .state import JobDir
+
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    jobdir = JobDir(out)
+    if out.is_dir() and jobdir.exists():
+        model = jobdir.load().options.get("model")
+        if model and Path(model).resolve() == model_dir.resolve():
+            return
+    raise StreamPruneError(f"--out {out}: exists and is not an earlier demo's output; choose a new or empty directory")
+
+
 @contextmanager
 def quiet_transformers_bars():
     """transformers' own bars (GGUF conversion, loading and saving weights) off: the demo prints its own steps."""
@@ -139,6 +156,7 @@ def run_demo(out: Path | None = None, sparsity: float = 0.5, nsamples: int = 16,
 
     t0 = time.perf_counter()
     out = Path(out) if out is not None else default_out()
+    check_out(out, default_cache() / "smollm2-135m")
     with quiet_transformers_bars():
         cached = (default_cache() / "smollm2-135m" / "model.safetensors.index.json").is_file()
         log("[1/5] model: " + ("the cached SmolLM2-135M build" if cached else

@@ -27,3 +27,24 @@ def test_demo_writes_under_the_cache_and_logs_plain_progress(smollm2, tmp_path):
     for step in range(1, 6):
         assert any(line.startswith(f"[{step}/5] ") for line in lines), res.stderr
     assert any(line.startswith("blocks: 30/30 blocks") for line in lines), res.stderr
+
+
+def test_demo_refuses_an_out_that_is_not_its_own(tiny_models, ids_file, tmp_path):
+    """--out that holds anything but an earlier demo (files, another prune job) is refused before anything runs,
+    and left as it was."""
+    import streamprune
+    from test_bad_input import cli
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    job = tmp_path / "job"
+    streamprune.prune(tiny_models("llama"), job, calib=str(ids_file), nsamples=2, seqlen=16, progress=False)
+    before = sorted(p.name for p in job.iterdir())
+    for out in (foreign, job, foreign / "notes.txt"):
+        res = cli("demo", "--out", out, env={"STREAMPRUNE_CACHE": str(tmp_path / "cache")})
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip() == f"streamprune: error: --out {out}: exists and is not an earlier demo's output; " \
+                                     f"choose a new or empty directory"
+    assert (foreign / "notes.txt").read_text() == "mine" and sorted(p.name for p in job.iterdir()) == before
+    assert not (tmp_path / "cache").exists()
