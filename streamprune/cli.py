@@ -48,6 +48,13 @@ def main():
     hf_logging.set_verbosity_error()  # our own messages are the one line a user needs
 
 
+def _from_data(s: dict) -> str:
+    """The part of the zeros written that the masks did not choose (dead input channels, zeros in the input)."""
+    extra = s["sparsity"] - s.get("mask_sparsity", s["sparsity"])
+    return (f"; masks {s['mask_sparsity']:.4f}, the other {extra:.4f} zeros from the data (dead input channels or "
+            f"zeros in the input)" if extra > 0 else "")
+
+
 def _print_summary(s: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s, indent=2, default=str))
@@ -60,7 +67,7 @@ def _print_summary(s: dict, as_json: bool) -> None:
         f"  blocks {s['blocks_committed']}/{s['blocks']}, achieved sparsity {s['sparsity']:.4f} "
         f"(worst block {worst.get('index')}: {worst.get('sparsity', 0):.4f})"
         + (f"; MLP width {s['intermediate_size']['before']} -> {s['intermediate_size']['after']}"
-           if "intermediate_size" in s else ""),
+           if "intermediate_size" in s else "") + _from_data(s),
         f"  device {s['device']} ({s['compute_dtype']}), activations {s['activations']}, "
         f"{s['nsamples']} x {s['seqlen']} calibration tokens",
         f"  wall time {s['wall_seconds']:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()) + ")",
@@ -228,7 +235,7 @@ def status(out, as_json):
         return
     eta = "-" if st["eta_seconds"] is None else f"{st['eta_seconds']:.0f}s"
     click.echo(f"{out}: {'complete' if st['complete'] else 'in progress'}, {st['blocks_done']}/{st['blocks_total']} blocks, "
-               f"sparsity so far {st['sparsity']:.4f}, time spent {st['seconds']:.0f}s, estimated time left {eta}"
+               f"sparsity so far {st['sparsity']:.4f}{_from_data(st)}, time spent {st['seconds']:.0f}s, estimated time left {eta}"
                + (f", activations saved after block {st['snapshot_after_block']}" if st["snapshot_after_block"] is not None else ""))
 
 

@@ -147,6 +147,8 @@ class PruneJob:
             del source
             tensors = model.block_tensors(i, block, kept, result.masks, result.recomputed, grouped) \
                 if self.rt.dist.main else None
+            if not self.spec.structure.width:  # width's figures are the fractions removed (no zeros written)
+                count_written(result, self.rt.dist.agree(lambda: model.written_zeros(i, tensors)))
             del kept, result.masks
             model.release_block(i)
             snapshot = snapshot_after(self, i, acts)
@@ -338,6 +340,15 @@ class PruneJob:
             leftover.unlink()
 
 
+def count_written(result, zeros: dict) -> None:
+    """A block's counts as written: `zeros` (per target label) is what is on disk, `masked` what the method's
+    masks zeroed (the requested sparsity); more zeros on disk come from the data (an input channel no calibration
+    token reaches, whose column SparseGPT and ADMM zero; zeros already in the input weights)."""
+    for label, z in zeros.items():
+        counts = result.linears[label]
+        counts["masked"], counts["zeros"] = counts["zeros"], z
+
+
 def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
     spec, state = job.spec, job.state
     sp = {i: b.sparsity for i, b in state.blocks.items()}
@@ -346,7 +357,8 @@ def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
         "model": str(spec.model.path), "out": str(spec.out), "method": spec.options.method,
         "structure": str(spec.structure), "target_sparsity": spec.options.sparsity,
         "blocks": job.n_blocks, "blocks_committed": state.committed, "resumed": resumed,
-        "sparsity": state.sparsity(),
+        "sparsity": state.sparsity(),      # the zeros written, over the pruned weights
+        "mask_sparsity": state.mask_sparsity(),  # the zeros the methods' masks chose: the rest came from the data
         "worst_block": {"index": worst, "sparsity": sp[worst]} if worst is not None else None,
         "wall_seconds": time.perf_counter() - job.t0, "device": str(spec.device),
         "compute_dtype": str(spec.dtype).replace("torch.", ""),

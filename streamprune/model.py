@@ -372,6 +372,22 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+ZERO_CHUNK = 1 << 24  # elements compared at a time, so a huge weight never needs a same-sized bool tensor
+
+
+def is_zero(t: torch.Tensor) -> torch.Tensor:
+    """Where `t` is +0 or -0 (FP8 codes compared by their bits: eq is not defined for float8 on every device)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return (t.view(torch.uint8) & 0x7F) == 0
+    return t == 0
+
+
+def count_zeros(t: torch.Tensor) -> int:
+    """How many entries of `t` are zeros (is_zero), ZERO_CHUNK elements at a time."""
+    flat = t.reshape(-1)
+    return sum(int(is_zero(flat[k:k + ZERO_CHUNK]).sum()) for k in range(0, flat.numel(), ZERO_CHUNK))
+
+
 def zero_codes(codes: torch.Tensor, mask: torch.Tensor) -> None:
     """FP8 codes written as they were read: +0 (0x00) where `mask` is set, and every zero +0 (as `quantize`)."""
     bits = codes.view(torch.uint8)
@@ -677,6 +693,14 @@ class StreamedModel:
             if not left[local]:
                 set_tensor(block, local, torch.empty(params.pop(local).shape, device="meta"))
         return out
+
+    def written_zeros(self, i: int, tensors: dict) -> dict:
+        """{target label: zeros} of block i's pruned weights in `tensors` (block_tensors' output, what is written):
+        the zeros on disk, as `report` counts them, whatever made them (the masks, or the data: dead input
+        channels that SparseGPT and ADMM zero, zeros already in the input)."""
+        prefix = self.block_prefix(i)
+        return {t.label: sum(count_zeros(tensors[p.name]) for p in self.layout.pieces[prefix + t.name])
+                for t in targets(self.blocks[i])}
 
     def release_block(self, i: int) -> None:
         release(self.blocks[i])

@@ -9,18 +9,11 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .model import StreamedModel, targets
+from .model import StreamedModel, is_zero as _zero, targets
 from .shards import Checkpoint
 from .spec import ModelInfo
 
 CHUNK = 1 << 24  # elements compared at a time, so a huge weight never needs a same-sized bool tensor
-
-
-def _zero(t: torch.Tensor) -> torch.Tensor:
-    """Where `t` is +0 or -0 (FP8 codes compared by their bits: eq is not defined for float8 on every device)."""
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return (t.view(torch.uint8) & 0x7F) == 0
-    return t == 0
 
 
 def matrix_zeros(t: torch.Tensor) -> tuple[int, bool]:

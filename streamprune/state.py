@@ -47,7 +47,7 @@ class BlockRecord:
     file: str
     sparsity: float
     target: float
-    linears: dict            # linear name -> {"zeros", "numel"}
+    linears: dict            # linear name -> {"zeros" (written), "numel", "masked" (by the mask; absent: = zeros)}
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=dict)
     input_sha256: str = ""   # of the block's tensors as read from the input (see StreamedModel.read_block)
@@ -61,6 +61,10 @@ class BlockRecord:
     @property
     def numel(self) -> int:
         return sum(v["numel"] for v in self.linears.values())
+
+    @property
+    def masked(self) -> int:
+        return sum(v.get("masked", v["zeros"]) for v in self.linears.values())
 
 
 @dataclass
@@ -106,13 +110,21 @@ class JobState:
             del self.blocks[j]
 
     def sparsity(self) -> float:
+        """The zeros written (as `report` counts them) over the pruned weights' entries."""
         zeros = sum(b.zeros for b in self.blocks.values())
         numel = sum(b.numel for b in self.blocks.values())
         return zeros / numel if numel else 0.0
 
+    def mask_sparsity(self) -> float:
+        """The zeros the methods' masks chose (what was asked for); `sparsity` adds those from the data."""
+        masked = sum(b.masked for b in self.blocks.values())
+        numel = sum(b.numel for b in self.blocks.values())
+        return masked / numel if numel else 0.0
+
     def status(self) -> dict:
         done, total = self.committed, self.total_blocks
         return {"complete": self.complete, "blocks_done": done, "blocks_total": total, "sparsity": self.sparsity(),
+                "mask_sparsity": self.mask_sparsity(),
                 "seconds": self.seconds, "eta_seconds": (self.seconds / done * (total - done)) if done else None,
                 "snapshot_after_block": self.snapshot.after_block if self.snapshot else None,
                 "options": self.options}

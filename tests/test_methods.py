@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -525,3 +526,64 @@ def test_spread_weighted_keeps_the_weighted_mean_and_the_order():
     assert spread_weighted([0.3, 0.3], [1, 5], 0.6, 0.08) == [0.6, 0.6]
     assert min(spread_weighted([0.0, 1.0], [1000, 1], 0.05, 0.04)) == 0.01   # clamped into (0, 1)
 
+
+
+# ---------------------------------------------------------------- the zeros written, counted
+
+
+DEAD = 16  # input channels of block 0's attention no token reaches (more than --sparsity 0.1 masks per row)
+
+
+@pytest.fixture(scope="module")
+def dead_channels(tiny_models, tmp_path_factory):
+    """A tiny model whose block 0 input norm zeroes DEAD hidden channels: q/k/v see all-zero inputs there."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path_factory.mktemp("dead") / "model"
+    shutil.copytree(tiny_models("llama", realistic=False), dst)
+    name = "model.layers.0.input_layernorm.weight"
+    for shard in dst.glob("*.safetensors"):
+        t = load_file(shard)
+        if name in t:
+            t[name][::4][:DEAD] = 0
+            save_file(t, shard, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("method", ["admm", "sparsegpt", "wanda", "magnitude"])
+def test_counts_are_the_zeros_written(method, dead_channels, ids_file, tmp_path):
+    """Summary, job state, `status` and `report` count the zeros on disk, for every method; the masks' own share
+    (the requested sparsity) is `mask_sparsity`, and the summary line says where the rest came from. ADMM and
+    SparseGPT zero the dead channels' columns beyond their masks."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+    from streamprune.report import report
+    from streamprune.state import JobDir
+    from tiny import tensors
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["prune", str(dead_channels), str(out), "--calib", str(ids_file), "--nsamples",
+                                    "8", "--seqlen", "32", "--sparsity", "0.1", "--method", method, "--no-progress"])
+    assert res.exit_code == 0, res.stderr
+    got = tensors(out)
+    pruned = [t for n, t in got.items() if ".layers." in n and t.dim() == 2]
+    on_disk = sum(int((t == 0).sum()) for t in pruned) / sum(t.numel() for t in pruned)
+    state = JobDir(out).load()
+    q = state.blocks[0].linears["self_attn.q_proj"]
+    assert q["zeros"] == int((got["model.layers.0.self_attn.q_proj.weight"] == 0).sum())
+    assert state.sparsity() == pytest.approx(on_disk, abs=1e-12)
+    assert report(out)["overall"] == pytest.approx(on_disk, abs=1e-12)
+    status = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).stdout)
+    assert status["sparsity"] == pytest.approx(on_disk, abs=1e-12)
+    assert status["mask_sparsity"] == pytest.approx(0.1, abs=0.02)
+    rows = q["numel"] // 64
+    if method == "admm":          # its mask: int(64 x 0.1) per row; the dead columns zeroed by the update too
+        assert (q["masked"], q["zeros"]) == (rows * int(64 * 0.1), rows * DEAD)
+        assert "zeros from the data" in res.stdout
+    elif method == "sparsegpt":   # its mask takes every tie of its threshold: the dead columns' zeros
+        assert q["masked"] == q["zeros"] == rows * DEAD and "from the data" not in res.stdout
+    else:
+        assert q["zeros"] == q["masked"] and "from the data" not in res.stdout
