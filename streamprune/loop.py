@@ -112,7 +112,18 @@ class BlockLoop:
             stats.reduce(self.rt.dist)
         if not force:
             self.check_finite(i, stats)
+            self.check_reached(i, stats)
         return stats
+
+    @staticmethod
+    def check_reached(i: int, stats) -> None:
+        """Every linear's input was seen: a linear whose weight the model's code uses without calling the module
+        (a state-space scan's projection) has no statistics, and pruning it from zeros would be arbitrary."""
+        for t in stats.targets:
+            if t.experts is None and stats.stats[(t.name, None)].tokens == 0:
+                raise StreamPruneError(f"block {i} {t.label}: the block's forward uses this linear's weight without "
+                                       f"calling it, so its input statistics cannot be gathered; not supported "
+                                       f"(--method magnitude needs none)")
 
     def check_finite(self, i: int, stats) -> None:
         for key, st in stats.unique().items():

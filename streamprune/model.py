@@ -165,9 +165,19 @@ class Captured:
 class _Recorder(nn.Module):
     """Stands in for block i during capture: records its call, passes hidden states through."""
 
-    def __init__(self, index: int, sink: dict, last: bool, family: str = ""):
+    def __init__(self, index: int, sink: dict, last: bool, family: str = "", block: nn.Module | None = None):
         super().__init__()
         self.index, self.sink, self.last, self.family = index, sink, last, family
+        self.__dict__["_block"] = block  # not a submodule: attributes the model reads on its blocks come from it
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_block")
+            if block is None:
+                raise
+            return getattr(block, name)
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
@@ -205,7 +215,8 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
     sink: dict = {}
     n = len(blocks)
     for i in range(n):
-        blocks[i] = _Recorder(i, sink, last=(i == n - 1), family=getattr(model.config, "model_type", ""))
+        blocks[i] = _Recorder(i, sink, last=(i == n - 1), family=getattr(model.config, "model_type", ""),
+                              block=originals[i])
     out = Captured()
     try:
         for ids in batches:
@@ -214,6 +225,13 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
                 pass
+            except (ValueError, TypeError, RuntimeError, IndexError, AttributeError, KeyError) as e:
+                if "input" not in sink:
+                    raise
+                family = getattr(model.config, "model_type", type(model).__name__)
+                raise StreamPruneError(f"unsupported architecture {family}: its forward needs more from a decoder "
+                                       f"block than the hidden states, which are all streamprune passes from block to "
+                                       f"block ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
             if "input" not in sink or len(sink.get("kwargs", {})) != n:
                 raise StreamPruneError("unsupported architecture: the forward pass did not reach every decoder block")
             out.inputs.append(sink["input"])
@@ -305,9 +323,12 @@ def expert_parameters(module: nn.Module) -> list[str]:
 
 
 def experts_modules(block: nn.Module) -> dict[str, nn.Module]:
-    """Modules holding Mixture-of-Experts weights: 3-D parameters sharing their first (expert) dimension."""
+    """Modules holding Mixture-of-Experts weights: 3-D parameters sharing their first (expert) dimension. A
+    convolution's 3-D kernel (a state-space layer's conv1d: Jamba, Qwen3.5's linear attention) is not one."""
     out = {}
     for name, mod in block.named_modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            continue
         cubes = [p for p in mod.parameters(recurse=False) if p.dim() == 3]
         if cubes and len({p.shape[0] for p in cubes}) == 1:
             out[name] = mod
@@ -485,6 +506,13 @@ class StreamedModel:
                        f" (experts are stored one by one, e.g. {hit}, and transformers has no conversion rule "
                        f"for {self.config.model_type})" if hit and ".experts." in name else "")
                 raise StreamPruneError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint{why}")
+            if not self.outside(name):
+                prefix = self.block_prefix(int(name[len(self.blocks_name) + 1:].split(".", 1)[0]))
+                away = next((p.name for p in pieces if not p.name.startswith(prefix)), None)
+                if away is not None:
+                    raise StreamPruneError(f"{self.ckpt.path}: the checkpoint stores block tensor {name} as {away}, "
+                                           f"outside the block's prefix {prefix}; streamprune reads a block by its "
+                                           f"prefix: not supported for {self.config.model_type}")
             whole = torch.empty(self.shapes[name], device="meta")
             for p in pieces:
                 stored = self.ckpt.tensors[p.name].dtype
