@@ -135,7 +135,8 @@ def check_out(out: Path, model_dir: Path) -> None:
 
 @contextmanager
 def quiet_transformers_bars():
-    """transformers' own bars (GGUF conversion, loading and saving weights) off: the demo prints its own steps."""
+    """transformers' bars that honour its switch (loading and saving weights) off: the demo prints its own steps.
+    Its GGUF conversion bar (the first run's build only) is a plain tqdm that this switch does not reach."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
