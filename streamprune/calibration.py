@@ -42,7 +42,7 @@ def read_calibration(path: str | Path) -> tuple[str | None, list[list[int]] | No
         try:
             rec = json.loads(line)
         except ValueError:
-            raise StreamPruneError(f"--calib {path}:{lineno}: not valid JSON") from None
+            raise StreamPruneError(_not_jsonl(path, raw, lineno)) from None
         if isinstance(rec, dict) and isinstance(rec.get("input_ids"), list):
             bad = [t for t in rec["input_ids"] if type(t) is not int or not 0 <= t < 2 ** 63][:1]
             if bad:  # JSON floats, strings, null, booleans and NaN are not token ids, nor is 2**63
@@ -56,6 +56,18 @@ def read_calibration(path: str | Path) -> tuple[str | None, list[list[int]] | No
     if texts and windows:
         raise StreamPruneError(f"--calib {path}: mixes \"text\" and \"input_ids\" lines; use one kind")
     return ("\n\n".join(texts), None) if texts else (None, windows)
+
+
+def _not_jsonl(path: Path, raw: str, lineno: int) -> str:
+    """Why line `lineno` does not parse: a JSON document over several lines (a config.json, a JSON array) is not
+    JSONL, whose every line is one record."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return f"--calib {path}:{lineno}: not valid JSON"
+    what = {dict: "object", list: "array"}.get(type(doc), type(doc).__name__)
+    return (f"--calib {path}: one JSON {what} over {len(raw.splitlines())} lines, not JSON Lines; calibration JSON "
+            f"holds one record per line, {{\"text\": \"...\"}} or {{\"input_ids\": [...]}}, or give plain text")
 
 
 def calibration_windows(path, tokenizer_dir: Path | None, nsamples: int, seqlen: int, seed: int,

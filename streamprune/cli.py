@@ -10,10 +10,20 @@ from pathlib import Path
 
 import click
 
-from .errors import StreamPruneError
-from .units import human_bytes  # no torch at import: `run` turns collection off before the heavy imports
+from . import choices
+from .errors import Interrupted, PeerFailed, StreamPruneError
+from .units import human_bytes, human_count  # no torch at import: `run` turns collection off before the heavy imports
 
-REFINES = click.Choice(["dsnot"])  # methods.REFINES, named here to keep torch out of the CLI's import
+REFINES = click.Choice(list(choices.REFINES))  # no torch in the CLI's import: a bad option is refused at once
+
+
+def _fail(line: str, code: int, kind: str) -> None:
+    """Print a failure's one line and exit; a rank started by `prune --nproc` leaves it to the launcher."""
+    from .launch import report_failure
+
+    if not report_failure(line, code, kind):
+        click.echo(line, err=True)
+    sys.exit(code)
 
 
 def _errors(fn):
@@ -24,28 +34,62 @@ def _errors(fn):
         except StreamPruneError as e:
             if debug:
                 raise
-            click.echo(f"streamprune: error: {e}", err=True)
-            sys.exit(e.exit_code)
+            kind = "peer" if isinstance(e, PeerFailed) else "interrupted" if isinstance(e, Interrupted) else "error"
+            _fail(f"streamprune: error: {e}", e.exit_code, kind)
         except KeyboardInterrupt:
-            click.echo("streamprune: interrupted", err=True)
-            sys.exit(130)
+            _fail("streamprune: interrupted", 130, "interrupted")
         except Exception as e:  # noqa: BLE001 - an unexpected failure still gets one line without --debug
             if debug:
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"streamprune: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
-                       err=True)
-            sys.exit(1)
+            _fail(f"streamprune: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+                  1, "internal")
     return click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def usage_line(e: click.UsageError) -> str:
+    """Click's usage error as our one line: what was wrong, and where the options are listed."""
+    where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    return f"streamprune: error: {e.format_message().rstrip('.')}{where}"
+
+
+class Group(click.Group):
+    """Usage errors (a bad option value, an unknown option, a missing argument) as one line on stderr, exit 2:
+    click's own form starts with a "Usage:" line."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            if not standalone_mode:
+                raise
+            click.echo(usage_line(e), err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:  # as click shows it
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="streamprune")
 def main():
     """Prune large language models with Wanda, one decoder block in memory at a time."""
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # our own messages are the one line a user needs
+        hf_logging.set_verbosity_error()  # our own messages are the one line a user needs
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # the same, read when transformers is imported (1.7 s: not yet)
 
 
 def _from_data(s: dict) -> str:
@@ -70,7 +114,9 @@ def _print_summary(s: dict, as_json: bool) -> None:
            if "intermediate_size" in s else "") + _from_data(s),
         f"  device {s['device']} ({s['compute_dtype']}), activations {s['activations']}, "
         f"{s['nsamples']} x {s['seqlen']} calibration tokens",
-        f"  wall time {s['wall_seconds']:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()) + ")",
+        f"  wall time {s['wall_seconds']:.1f}s" + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()) + ")" if ph
+                                                  else " (the job was already complete: nothing to do)"
+                                                  if s.get("already_complete") else ""),
         f"  peak host memory {human_bytes(s['peak_rss_bytes'])} (anonymous {human_bytes(s['peak_anon_bytes'])}, "
         f"file-backed {human_bytes(s['peak_file_backed_bytes'])}), peak GPU memory {human_bytes(s.get('peak_gpu_bytes'))}",
     ]
@@ -121,7 +167,8 @@ PRUNE_OPTIONS = [
     click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU]."),
     click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per calibration forward."),
     click.option("--activations", default="auto", show_default=True, help="Activation cache: auto, gpu, cpu or disk."),
-    click.option("--gpu-memory-limit", default=None, help="Cap this process's GPU memory (e.g. 24GB) to prove a smaller card."),
+    click.option("--gpu-memory-limit", default=None,
+                 help="Cap this process's GPU memory (e.g. 24GB; a bare number is GB) to prove a smaller card."),
     click.option("--snapshot-every", type=int, default=8, show_default=True,
                  help="Save the activations every K blocks so a resume needs little recomputation (0: never)."),
     click.option("--overwrite", is_flag=True, help="Delete the contents of a non-empty OUT first."),
@@ -149,8 +196,15 @@ def _with(options):
 @_errors
 def prune(model, out, as_json, nproc, **options):
     """Prune the checkpoint in MODEL into OUT (resumes a matching job already in OUT)."""
+    from .spec import PruneOptions, check_ranks
+
+    PruneOptions.from_dict(options).check_values()  # before torch is imported: a bad option costs 0.2 s, not 3-10
+    check_ranks(nproc, options["nsamples"], options["batch_size"])
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _torchrun(nproc)
+        from .job import preflight
+
+        preflight(model, out, nproc, **options)  # once, before any rank starts
+        _launch(nproc)
     from .job import prune as run
 
     summary = run(model, out, **options)
@@ -158,9 +212,9 @@ def prune(model, out, as_json, nproc, **options):
         _print_summary(summary, as_json)
 
 
-def _torchrun(nproc: int) -> None:
-    """Re-run this very command under torchrun with `nproc` processes (standalone rendezvous)."""
-    import subprocess
+def _launch(nproc: int) -> None:
+    """Re-run this very command as `nproc` ranks (launch.py), and exit with the job's status."""
+    from .launch import launch
 
     args, skip = [], False
     for a in sys.argv[1:]:
@@ -170,11 +224,8 @@ def _torchrun(nproc: int) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "streamprune", *args]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # share the cores, not oversubscribe
-    sys.exit(subprocess.run(cmd, env=env).returncode)
+    sys.stdout.flush()
+    sys.exit(launch(nproc, args))
 
 
 def _job_state(out, running_ok: bool):
@@ -203,7 +254,7 @@ def resume(out, as_json, progress):
     state = _job_state(out, running_ok=False)
     ranks = state.fingerprint["options"].get("ranks", 1)
     if ranks > 1 and "WORLD_SIZE" not in os.environ:
-        _torchrun(ranks)  # a data-parallel job continues with the same number of ranks
+        _launch(ranks)  # a data-parallel job continues with the same number of ranks
     options = dict(state.options)
     model = options.pop("model")
     options["progress"] = progress
@@ -239,36 +290,48 @@ def status(out, as_json):
                + (f", activations saved after block {st['snapshot_after_block']}" if st["snapshot_after_block"] is not None else ""))
 
 
+def _prune_options(*names):
+    """Prune's declarations of the options `names` (plan shares them: one declaration, one meaning)."""
+    picked = [opt for opt in PRUNE_OPTIONS if opt(lambda: None).__click_params__[0].name in names]
+    assert len(picked) == len(names), names
+    return picked
+
+
+PLAN_SHARED = ("sparsity", "structure", "width_multiple", "width_compensation", "method", "admm_iters", "admm_gradual",
+               "admm_rho", "admm_damp", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens",
+               "expert_group", "nsamples", "seqlen", "batch_size", "dtype", "activations", "snapshot_every", "nproc",
+               "as_json")
+
+
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--gpu-memory", default=None, help="Plan for a GPU with this much memory (e.g. 24GB); omit for CPU.")
-@click.option("--host-memory", default=None, help="Host memory to plan for [default: available now].")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=None, help="[default: min(2048, model context)]")
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
-@click.option("--activations", default="auto", show_default=True)
-@click.option("--method", default="wanda", show_default=True)
-@click.option("--refine", type=REFINES, default=None, help="Plan for a DSnoT-refined mask.")
-@click.option("--nproc", "ranks", type=int, default=1, show_default=True, help="Data-parallel ranks.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--gpu-memory-limit", "--gpu-memory", "gpu_memory", default=None,
+              help="Plan for a GPU with this much memory (e.g. 24GB; a bare number is GB); omit for CPU.")
+@click.option("--host-memory", default=None, help="Host memory to plan for (e.g. 64GB) [default: available now].")
+@_with(_prune_options(*PLAN_SHARED))
 @_errors
-def plan(model, gpu_memory, host_memory, nsamples, seqlen, batch_size, dtype, activations, method, refine, ranks,
-         as_json):
-    """Predict memory and disk use of a prune job from config.json alone, and what fits on 8-24 GB cards."""
+def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
+    """Predict memory and disk use of a prune job (with prune's options) from config.json alone, and what fits on
+    8-24 GB cards. No time estimate: time depends on the machine more than on the model."""
+    from .spec import PruneOptions, check_ranks
+    from .units import parse_size
+
+    PruneOptions.from_dict(options).check_values()  # before torch is imported, as prune
+    check_ranks(nproc, options["nsamples"], options["batch_size"])
+    parse_size(gpu_memory, "--gpu-memory-limit")
+    parse_size(host_memory, "--host-memory")
     from .plan import plan_for
 
-    r = plan_for(model, gpu_memory=gpu_memory, host_memory=host_memory, nsamples=nsamples, seqlen=seqlen,
-                 batch_size=batch_size, dtype=dtype, activations=activations, method=method, refine=refine,
-                 ranks=ranks)
+    r = plan_for(model, gpu_memory=gpu_memory, host_memory=host_memory, ranks=nproc, **options)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
     p, hb = r["plan"], human_bytes
-    click.echo(f"{model}: {r['blocks']} blocks of {r['block_params'] / 1e9:.2f}B parameters, largest linear "
+    click.echo(f"{model}: {r['blocks']} blocks of {human_count(r['block_params'])} parameters, largest linear "
                f"{r['largest_linear'][0]}x{r['largest_linear'][1]}, {r['checkpoint_dtype']} checkpoint of "
                f"{hb(r['checkpoint_bytes'])}")
-    click.echo(f"settings: {r['device']} ({r['compute_dtype']}), {r['nsamples']} x {r['seqlen']} calibration tokens, "
+    click.echo(f"settings: {r['method']} {r['structure']} (sparsity {r['sparsity']:g}), {r['device']} "
+               f"({r['compute_dtype']}), {r['nsamples']} x {r['seqlen']} calibration tokens, "
                f"batch {r['batch_size']}, {r['ranks']} rank(s), host memory {hb(r['host_memory'])}, "
                f"GPU memory {hb(r['gpu_memory'])}")
     if p["expert_group"]:
@@ -378,6 +441,9 @@ def run() -> None:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.UsageError as e:
+        click.echo(usage_line(e), err=True)
         code = e.exit_code
     except click.ClickException as e:
         e.show()

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-from .errors import StreamPruneError
+from .errors import PeerFailed, StreamPruneError
 
 
 class Dist:
@@ -95,7 +95,7 @@ class Dist:
         try:
             return fn(*args)
         except RuntimeError as e:
-            raise StreamPruneError(f"rank {self.rank}: a collective with the other ranks failed or timed out "
+            raise PeerFailed(f"rank {self.rank}: a collective with the other ranks failed or timed out "
                                    f"(did a rank die?): {str(e).splitlines()[0][:200]}") from None
 
     def close(self) -> None:

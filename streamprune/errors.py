@@ -13,3 +13,8 @@ class Interrupted(StreamPruneError):
     def __init__(self, message: str, signum: int = 2):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class PeerFailed(StreamPruneError):
+    """A collective with the other data-parallel ranks failed: the consequence of another rank's failure, reported
+    only when no rank says more (launch.py)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .progress import bar as progress_bar
 from .model import StreamedModel, block_output, capture, expert_parameters, experts_modules, targets
 from .runtime import collect_new_only
 from .shards import Checkpoint
-from .spec import ModelInfo, compute_dtype, parse_dtype, resolve_device
+from .spec import ModelInfo, compute_dtype, parse_dtype, resolve_device, slow_on_cpu
 
 
 def read_token_stream(text_file: str | os.PathLike, model_dir: Path) -> torch.Tensor:
@@ -185,6 +186,8 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
 
     ckpt = Checkpoint(info.path)
     compute = compute_dtype(requested, ckpt.dtype, dev)
+    if slow_on_cpu(dev, compute):
+        tqdm.write(slow_on_cpu(dev, compute), file=sys.stderr)
     with collect_new_only(), MemoryMonitor(device=dev) as mon:
         model = _Evaluator(info.config, ckpt, dev, compute)
         model.check()

@@ -8,6 +8,7 @@ block with a byte-identical result.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from .plan import check_disk, itemsize, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
-from .spec import PruneOptions, PruneSpec
+from .spec import PruneOptions, PruneSpec, check_ranks, slow_on_cpu
 from .state import BlockRecord, JobDir, damaged, fingerprint, open_job, stored_options, verify_committed
 from .width import shrink_config
 from .writer import copy_side_files, shard_name, write_atomic, write_index, write_shard
@@ -42,7 +43,27 @@ def prune(model, out, *, observer: Observer | None = None, log=None, **options) 
     with Runtime(spec.device, env, spec.gpu_limit) as rt:
         if not rt.dist.main:
             obs.quiet()
+        slow = slow_on_cpu(spec.device, spec.dtype)
+        if slow:
+            obs.log(slow)
         return PruneJob(spec, rt, obs).run()
+
+
+def preflight(model, out, ranks: int, **options) -> None:
+    """What every rank of a `--nproc` job checks, checked once before any rank starts, writing nothing: options,
+    paths, the model's files and config, the calibration data and the ranks' shares of it, the plan's groups."""
+    from types import SimpleNamespace
+
+    from .distributed import Dist
+    from .spec import resolve_device
+
+    spec = PruneSpec.resolve(model, out, PruneOptions.from_dict(options))
+    if spec.device.type == "cuda":
+        resolve_device(spec.options.device, ranks - 1)  # every rank its own GPU
+    job = PruneJob(spec, SimpleNamespace(dist=Dist(0, ranks)), Observer(progress=False))
+    job.plan = plan_job(spec, job.model.blocks, job.ckpt)
+    if job.plan.expert_group:
+        job._check_groups()
 
 
 class PruneJob:
@@ -64,10 +85,8 @@ class PruneJob:
         self.block_files = [shard_name(len(groups) + i, total) for i in range(self.n_blocks)]
         self.jobdir = JobDir(spec.out, rt.dist.rank, rt.dist.world)
         batches = [(j, min(o.nsamples, j + o.batch_size)) for j in range(0, o.nsamples, o.batch_size)]
+        check_ranks(rt.dist.world, o.nsamples, o.batch_size)
         self.batches = rt.dist.share(batches)  # this rank's contiguous share, in calibration order
-        if rt.dist.enabled and not self.batches:
-            raise StreamPruneError(f"{rt.dist.world} ranks but only {len(batches)} calibration batches; "
-                                   f"use fewer ranks or more --nsamples")
         self.windows = calibration_windows(o.calib, spec.model.path, o.nsamples, o.seqlen, o.seed,
                                            spec.model.text.vocab_size, o.calib_dataset,
                                            o.calib_column) if spec.needs_data else None
@@ -91,7 +110,7 @@ class PruneJob:
                 overwrite=spec.options.overwrite, inputs=self.ckpt.identity(), event=self.obs.event))
             if self.state.complete and rt.dist.agree(self._intact):
                 self.obs.log(f"{spec.out}: job already complete; nothing to do")
-                return summary(self, mon, resumed=True)
+                return dict(summary(self, mon, resumed=True), already_complete=True)
             rt.dist.agree(lambda: check_disk(self.plan, spec.out, sum(m["size"] for m in self.state.files.values())))
             self.loop = BlockLoop(spec.pruner, spec.structure, rt, self.obs, spec.device, spec.dtype, self.plan.row_chunk,
                                   spec.options.expert_min_tokens, spec.profile)
@@ -115,9 +134,13 @@ class PruneJob:
                 raise StreamPruneError("CUDA out of memory: lower --batch-size, --seqlen or --nsamples, or keep "
                                        "activations off the GPU with --activations cpu (or disk)") from None
             except OSError as e:
-                if e.errno == 28:
+                if e.errno == errno.ENOSPC:
                     raise StreamPruneError(f"no space left on device while writing to {spec.out}; free space and run "
                                            f"`streamprune resume {spec.out}` to continue") from None
+                if e.errno == errno.EFBIG:  # a file-size limit (ulimit -f; Python ignores SIGXFSZ, so the write fails)
+                    raise StreamPruneError(f"file too large for this process's file-size limit (ulimit -f) while "
+                                           f"writing to {spec.out}; raise the limit and run `streamprune resume "
+                                           f"{spec.out}` to continue") from None
                 raise
         return summary(self, mon, resumed=resumed)
 

@@ -332,29 +332,29 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 128, seqlen: int | None = None,
-             batch_size: int = 1, dtype: str | None = None, activations: str = "auto", device: str | None = None,
-             ranks: int = 1, method: str = "wanda", refine: str | None = None, snapshot: bool = True) -> dict:
+def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None = None, ranks: int = 1,
+             snapshot: bool = True, **options) -> dict:
     """The plan for a checkpoint directory from config.json (and the index, if present) alone: no weights read.
 
-    `device` defaults to cuda when `gpu_memory` is given; `host_memory` defaults to what is available now.
-    Also returns, for 8/12/16/24 GB cards, the tier and the predicted peaks with the same settings.
+    `options` are prune's (spec.PruneOptions: nsamples, seqlen, batch_size, dtype, activations, method, refine,
+    structure, sparsity, expert_group, ...), checked exactly as prune checks them. `device` defaults to cuda when
+    `gpu_memory` is given; `host_memory` defaults to what is available now. Also returns, for 8/12/16/24 GB cards,
+    the tier and the predicted peaks with the same settings.
     """
     import json
 
     import psutil
 
-    from .errors import StreamPruneError
     from .model import StreamedModel, build_skeleton, find_blocks
     from .shards import INDEX_NAME, Checkpoint
-    from .spec import ModelInfo, PruneOptions, compute_dtype, parse_dtype
+    from .spec import ModelInfo, PruneOptions, check_ranks, compute_dtype, parse_dtype, width_pruner
 
-    # the same checks as prune's, for the options that exist here
-    options = PruneOptions(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
-                           activations=activations, method=method, refine=refine, calib="-")
-    options.check()
-    if ranks < 1:
-        raise StreamPruneError("--nproc must be at least 1")
+    # the same checks as prune's (a plan needs no calibration file: `calib` stands in for one)
+    o = PruneOptions.from_dict(dict(options, calib="-"))
+    o.check()
+    check_ranks(ranks, o.nsamples, o.batch_size)
+    gpu = parse_size(gpu_memory, "--gpu-memory-limit")
+    host = parse_size(host_memory, "--host-memory") or psutil.virtual_memory().available
     info = ModelInfo.load(model_dir)
     model_dir, config, text = info.path, info.config, info.text
     if _weights_present(model_dir):  # checked as prune checks them (headers only); a config alone is planned as is
@@ -367,33 +367,40 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, nsamples: int = 12
     ckpt_dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.bfloat16
     ckpt_dtype = getattr(torch, ckpt_dtype) if isinstance(ckpt_dtype, str) else ckpt_dtype
     from .layout import fp8_block
+    from .methods import Structure, check_prunable
 
     stored = torch.float8_e4m3fn if fp8_block(config) else ckpt_dtype  # FP8 releases: one byte per block weight
-    device = device or ("cuda" if gpu_memory is not None else "cpu")
-    requested = parse_dtype(dtype)
+    device = device or ("cuda" if gpu is not None else "cpu")
+    requested = parse_dtype(o.dtype)
     compute = compute_dtype(requested, ckpt_dtype, torch.device(device))
-    seqlen = info.seqlen(seqlen)
+    seqlen = info.seqlen(o.seqlen)
+    structure = Structure.parse(o.structure)
+    for _, width in shape.linear_shapes:  # N:M must divide every linear's input, as prune checks it
+        check_prunable(width, structure)
     index = model_dir / INDEX_NAME
     if index.is_file():
         ckpt_bytes = json.loads(index.read_text())["metadata"]["total_size"]
     else:
         ckpt_bytes = sum(p.numel() for p in blocks.parameters()) * itemsize(stored) + \
             2 * text.vocab_size * text.hidden_size * itemsize(ckpt_dtype)
-    host = parse_size(host_memory) or psutil.virtual_memory().available
-    pruner = options.pruner()  # what prune would build
-    common = dict(nsamples=nsamples, seqlen=seqlen, batch=batch_size, ckpt_itemsize=itemsize(stored),
-                  compute_itemsize=itemsize(compute), host_free=host, checkpoint_bytes=ckpt_bytes,
-                  needs_activations=pruner.needs_data, snapshot=snapshot, ranks=ranks, needs=pruner.needs,
-                  method=pruner)
-    main = make_plan(shape, device_type=device, tier=activations, gpu_free=parse_size(gpu_memory), **common)
+    # what prune would build (structured width: its refit, planned as plan_job plans it)
+    pruner = width_pruner(info, o, compute, ckpt_dtype) if structure.width else o.pruner()
+    common = dict(nsamples=o.nsamples, seqlen=seqlen, batch=o.batch_size, ckpt_itemsize=itemsize(stored),
+                  host_free=host, checkpoint_bytes=ckpt_bytes, needs_activations=pruner.needs_data,
+                  snapshot=snapshot and o.snapshot_every > 0, ranks=ranks, needs=pruner.needs,
+                  hessian_inputs=pruner.hessian_widths() if structure.width else None,
+                  expert_group=o.expert_group, method=None if structure.width else pruner)
+    main = make_plan(shape, device_type=device, tier=o.activations, gpu_free=gpu, compute_itemsize=itemsize(compute),
+                     **common)
     cards = {}
     for gb in (8, 12, 16, 24):
         p = make_plan(shape, device_type="cuda", tier="auto", gpu_free=gb * GiB,
-                      **dict(common, compute_itemsize=itemsize(requested or ckpt_dtype)))
+                      compute_itemsize=itemsize(requested or ckpt_dtype), **common)
         cards[f"{gb}GB"] = {"tier": p.tier, "peak_gpu_bytes": p.peak_gpu_bytes, "peak_host_bytes": p.peak_host_bytes,
                             "fits": p.fits, "expert_group": p.expert_group}
     return {"model": str(model_dir), "blocks": len(blocks), "block_params": shape.params, "experts": shape.experts,
             "largest_linear": list(shape.largest_linear), "hidden": shape.hidden, "checkpoint_dtype": str(stored)[6:],
-            "compute_dtype": str(compute)[6:], "device": device, "nsamples": nsamples, "seqlen": seqlen,
-            "batch_size": batch_size, "ranks": ranks, "checkpoint_bytes": ckpt_bytes, "host_memory": host,
-            "gpu_memory": parse_size(gpu_memory), "plan": main.as_dict(), "cards": cards}
+            "compute_dtype": str(compute)[6:], "device": device, "nsamples": o.nsamples, "seqlen": seqlen,
+            "batch_size": o.batch_size, "ranks": ranks, "method": o.method, "structure": str(structure),
+            "sparsity": o.sparsity, "checkpoint_bytes": ckpt_bytes, "host_memory": host, "gpu_memory": gpu,
+            "plan": main.as_dict(), "cards": cards}

@@ -12,6 +12,7 @@ from .errors import StreamPruneError
 from .model import StreamedModel, is_zero as _zero, targets
 from .shards import Checkpoint
 from .spec import ModelInfo
+from .state import JobDir
 
 CHUNK = 1 << 24  # elements compared at a time, so a huge weight never needs a same-sized bool tensor
 
@@ -46,6 +47,9 @@ def report(out_dir: str | os.PathLike, png: str | os.PathLike | None = None) -> 
         _matplotlib()  # fail before reading anything
     if not out_dir.is_dir():
         raise StreamPruneError(f"{out_dir}: no such model directory")
+    unfinished = JobDir(out_dir).unfinished()
+    if unfinished:
+        raise StreamPruneError(unfinished)
     ckpt = Checkpoint(out_dir)
     info = ModelInfo.load(out_dir)
     model = StreamedModel(info.config, ckpt, "cpu", torch.float32)

@@ -11,32 +11,54 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
+from .choices import DTYPES, METHODS, PROFILES, REFINES, TIERS, Structure
 from .errors import StreamPruneError
-from .methods import PROFILES, REFINES, Pruner, Structure, method_named, profile_named
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-TIERS = ("auto", "gpu", "cpu", "disk")
+if TYPE_CHECKING:  # torch is imported where it is used: PruneOptions.check_values runs before it is loaded
+    import torch
+
+    from .methods import Pruner
+
 DEFAULT_SEQLEN = 2048
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    import torch
+
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
+    check_dtype_name(name)
+    return getattr(torch, DTYPES[name])
+
+
+def check_dtype_name(name) -> None:
+    if isinstance(name, str) and name not in DTYPES:
         raise StreamPruneError(f"--dtype {name!r}: choose float32, bfloat16 or float16")
-    return DTYPES[name]
+
+
+def slow_on_cpu(device, dtype) -> str | None:
+    """A warning for a half-precision compute dtype on the CPU, which runs it far slower than float32."""
+    import torch
+
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return (f"streamprune: warning: --dtype {str(dtype)[6:]} on the CPU is slow (without half-precision matrix "
+                f"units a CPU runs its matrix products up to 60x slower than float32, the CPU default)")
+    return None
 
 
 def compute_dtype(requested: torch.dtype | None, checkpoint: torch.dtype, device: torch.device) -> torch.dtype:
     """The requested dtype, else the checkpoint's on a GPU and float32 on a CPU (bf16 matmuls are slow there)."""
+    import torch
+
     return requested or (checkpoint if device.type == "cuda" else torch.float32)
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     """`auto` is CUDA when present; under torchrun `auto`/`cuda` mean this rank's own GPU (LOCAL_RANK)."""
+    import torch
+
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -156,22 +178,34 @@ class PruneOptions:
 
     def pruner(self) -> Pruner:
         """The method with its own options, and the refinement if any: what the job runs and the plan counts."""
+        from .methods import REFINES, Pruner, method_named
+
         return Pruner(method_named(self.method, self), REFINES[self.refine]() if self.refine else None)
 
     def check(self) -> None:
         """Every option on its own and in combination; one line for the first problem."""
-        if not 0 < self.sparsity < 1:
-            raise StreamPruneError(f"--sparsity {self.sparsity}: must be strictly between 0 and 1")
+        from .methods import method_named, profile_named
+
+        self.check_values()
         structure = Structure.parse(self.structure)
         method = method_named(self.method, self)
-        if self.refine is not None and self.refine not in REFINES:
-            raise StreamPruneError(f"--refine {self.refine!r}: the only refinement is {', '.join(REFINES)}")
         if self.refine and not method.refinable:
             raise StreamPruneError(f"--refine {self.refine} refines a wanda or ria mask, not --method {self.method}")
+        profile_named(self.sparsity_profile, self.owl_lambda, self.owl_m).check(self.sparsity, structure, method)
+
+    def check_values(self) -> None:
+        """The checks that need neither torch nor the model: the CLI runs them before importing either."""
+        if not 0 < self.sparsity < 1:
+            hint = f" (a fraction: did you mean {self.sparsity / 100:g}?)" if 1 < self.sparsity < 100 else ""
+            raise StreamPruneError(f"--sparsity {self.sparsity:g}: must be strictly between 0 and 1{hint}")
+        structure = Structure.parse(self.structure)
+        if self.method not in METHODS:
+            raise StreamPruneError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.refine is not None and self.refine not in REFINES:
+            raise StreamPruneError(f"--refine {self.refine!r}: the only refinement is {', '.join(REFINES)}")
         if self.sparsity_profile not in PROFILES:
             raise StreamPruneError(f"--sparsity-profile {self.sparsity_profile!r}: choose {' or '.join(PROFILES)}")
-        profile_named(self.sparsity_profile, self.owl_lambda, self.owl_m).check(self.sparsity, structure, method)
-        parse_dtype(self.dtype)
+        check_dtype_name(self.dtype)
         if self.activations not in TIERS:
             raise StreamPruneError(f"--activations {self.activations!r}: choose one of {', '.join(TIERS)}")
         for name in ("nsamples", "batch_size"):
@@ -208,7 +242,18 @@ class PruneOptions:
             parse_dataset(self.calib_dataset)
         from .units import parse_size
 
-        parse_size(self.gpu_memory_limit)
+        parse_size(self.gpu_memory_limit, "--gpu-memory-limit")
+
+
+def check_ranks(ranks: int, nsamples: int, batch_size: int) -> None:
+    """Data-parallel ranks (--nproc, or torchrun's world): each needs at least one calibration batch. One check for
+    prune (before any rank starts, and in every rank) and plan."""
+    if ranks < 1:
+        raise StreamPruneError(f"--nproc {ranks}: must be at least 1")
+    batches = -(-nsamples // batch_size)
+    if ranks > batches:
+        raise StreamPruneError(f"--nproc {ranks}: more ranks than calibration batches ({batches}: --nsamples {nsamples}"
+                               f", --batch-size {batch_size}); use at most {batches} ranks or more --nsamples")
 
 
 @dataclass(frozen=True)
@@ -231,8 +276,9 @@ class PruneSpec:
 
     @classmethod
     def resolve(cls, model, out, options: PruneOptions, local_rank: int | None = None) -> "PruneSpec":
-        from .units import parse_size
+        from .methods import profile_named
         from .shards import Checkpoint
+        from .units import parse_size
 
         from .hub import resolve_model
 
@@ -261,7 +307,7 @@ class PruneSpec:
                    dtype=dtype, checkpoint_dtype=ckpt_dtype,
                    structure=structure, pruner=pruner,
                    profile=profile_named(options.sparsity_profile, options.owl_lambda, options.owl_m),
-                   gpu_limit=parse_size(options.gpu_memory_limit))
+                   gpu_limit=parse_size(options.gpu_memory_limit, "--gpu-memory-limit"))
 
 
 def width_pruner(info: ModelInfo, options: PruneOptions, dtype: torch.dtype, ckpt_dtype: torch.dtype):
@@ -302,6 +348,7 @@ def check_paths(model_dir: Path, out: Path, inputs: tuple = ()) -> None:
     job owns and --overwrite/--restart empty."""
     if not model_dir.is_dir():
         raise StreamPruneError(f"{model_dir}: no such model directory")
+    check_path_length(out)
     if out.is_symlink() and not out.exists():
         raise StreamPruneError(f"OUT {out} is a dangling symbolic link; remove it or choose another directory")
     m, o = model_dir.resolve(), out.resolve()
@@ -318,6 +365,34 @@ def check_paths(model_dir: Path, out: Path, inputs: tuple = ()) -> None:
     existing = next(p for p in (o, *o.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise StreamPruneError(f"OUT {out}: {existing} is not writable")
+
+
+# the longest path the job writes below OUT (.streamprune/activations-after-block-00000.rank0.bin and the like),
+# with room for a 5-digit rank
+INSIDE_OUT = len("/.streamprune/activations-after-block-00000.rank00000.bin.tmp")
+
+
+def check_path_length(out: Path) -> None:
+    """OUT's names within the filesystem's NAME_MAX, and the job's files below it within PATH_MAX: refused up
+    front, not when the first file is created."""
+    path = Path(os.path.abspath(out))
+    existing = path
+    while True:  # the deepest directory that exists (a too long name cannot: lstat fails on it)
+        try:
+            if existing.is_dir():
+                break
+        except OSError:
+            pass
+        existing = existing.parent
+    name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise StreamPruneError(f"OUT {str(out)[:40]}...: a name of {len(os.fsencode(part))} bytes, longer than the "
+                                   f"filesystem allows ({name_max}); choose a shorter name")
+    if len(os.fsencode(str(path))) + INSIDE_OUT >= path_max:
+        raise StreamPruneError(f"OUT {str(out)[:40]}...: a path of {len(os.fsencode(str(path)))} bytes, and the job's "
+                               f"files below it would pass the system's limit of {path_max} bytes; choose a shorter "
+                               f"path")
 
 
 def check_out_usable(out: Path, overwrite: bool) -> None:

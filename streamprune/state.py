@@ -211,6 +211,21 @@ class JobDir:
         finally:
             os.close(fd)
 
+    def unfinished(self) -> str | None:
+        """Why OUT is not a checkpoint to read yet: a job running there, or one stopped before its end (an OUT
+        with an index is complete, whatever else it holds); None otherwise."""
+        if (self.out / INDEX_NAME).is_file():
+            return None
+        pid, state = self.holder(), self.load() if self.exists() else None
+        done = f"{state.committed} of {state.total_blocks} blocks committed" if state else "starting"
+        if pid is not None:
+            return (f"{self.out}: a streamprune job is still running there (pid {pid}, {done}); "
+                    f"`streamprune status {self.out}` shows its progress")
+        if state is not None and not state.complete:
+            return (f"{self.out}: its streamprune job is not finished ({done}); `streamprune resume {self.out}` "
+                    f"finishes it, `streamprune status {self.out}` shows its progress")
+        return None
+
     def load(self) -> JobState:
         try:
             return JobState.from_json(self.state_path.read_text())

@@ -36,6 +36,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: a race with the I/O thread's files)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
 def no_event(name: str, detail: str = "") -> None:
     pass
 
@@ -81,6 +90,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], event=no_event) ->
             if code:
                 raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
             raise
+        os.chmod(tmp, 0o666 & ~umask())  # safetensors creates its file 0600; a shard is as readable as any file
         size, digest = tmp.stat().st_size, hashlib.sha256()
         with open(tmp, "rb", buffering=0) as f:
             for done, chunk in _chunks(f):

@@ -17,42 +17,13 @@ from typing import NamedTuple
 
 import torch
 
+from ..choices import Structure  # noqa: F401 - defined without torch, for the CLI
 from ..errors import StreamPruneError
 
 # the selection of one row chunk (`select`): the float32 metric, topk's values and int64 indices for up to a whole
 # row, one comparison; measured 14.2 bytes per element at 50% on a 4096 x 11008 matrix (mask included), rounded
 # up (17 before overstated a 1536 x 6144 prune's peak by 15%: tests/test_plan.py)
 BYTES_PER_METRIC_ELEMENT = 15
-
-
-@dataclass(frozen=True)
-class Structure:
-    """Unstructured (n = m = 0, `sparsity` applies), N:M (n of every m consecutive inputs zeroed), or width
-    (whole MLP channels removed: width.py)."""
-    n: int = 0
-    m: int = 0
-    width: bool = False
-
-    @classmethod
-    def parse(cls, text: str | None) -> "Structure":
-        if text in (None, "", "unstructured"):
-            return cls()
-        if text == "width":
-            return cls(width=True)
-        try:
-            n, m = (int(x) for x in text.split(":"))
-        except ValueError:
-            raise StreamPruneError(f"--structure {text!r}: expected 'unstructured', 'width' or N:M such as 2:4") from None
-        if not 0 < n < m:
-            raise StreamPruneError(f"--structure {text}: N:M needs 0 < N < M (N weights zeroed in every M)")
-        return cls(n, m)
-
-    @property
-    def is_nm(self) -> bool:
-        return self.m > 0
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "width" if self.width else "unstructured"
 
 
 def check_prunable(in_features: int, structure: Structure) -> None:
