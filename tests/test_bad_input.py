@@ -31,8 +31,14 @@ def expect_error(model, out, *args, match, code=2):
 
     from streamprune.cli import main
 
+    def published():
+        try:
+            return (out / INDEX).exists()
+        except OSError:  # ENAMETOOLONG: an OUT no file can be in
+            return False
+
     before = tree(model) if model.is_dir() else None
-    published_before = (out / INDEX).exists()
+    published_before = published()
     res = CliRunner().invoke(main, ["prune", str(model), str(out), *map(str, args), "--no-progress"])
     assert res.exit_code == code, (res.exit_code, res.stderr, res.exception)
     lines = [l for l in res.stderr.splitlines() if l.strip()]
@@ -41,7 +47,7 @@ def expect_error(model, out, *args, match, code=2):
     assert "Traceback" not in res.stderr
     if before is not None:
         assert tree(model) == before, "the input directory changed"
-    assert (out / INDEX).exists() == published_before
+    assert published() == published_before
     return lines[0]
 
 
@@ -280,3 +286,100 @@ def test_running_out_of_space_mid_job_resumes(model, ids_file, tmp_path):
         assert (out / INDEX).is_file()
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+# ------------------------------------------------------------------ usage errors, fast refusals
+
+@pytest.mark.parametrize("args,match", [(["--sparsity", "abc"], "'--sparsity'"), (["--bogus"], "--bogus"),
+                                        (["--gpu-memory-limit", "abc"], "--gpu-memory-limit 'abc'"),
+                                        (["--nsamples", "1.5"], "'--nsamples'")])
+def test_usage_errors_are_one_line(args, match, model, tmp_path):
+    """A bad option value, an unknown option: one line naming the option, exit 2 (click's own form starts with
+    "Usage:" and takes three), in the console script and in `main` alike."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    for stderr, code in ((lambda r: (r.stderr, r.returncode))(cli("prune", model, tmp_path / "out", *args)),
+                         (lambda r: (r.stderr, r.exit_code))(CliRunner().invoke(main, ["prune", str(model),
+                                                                                       str(tmp_path / "out"), *args]))):
+        lines = [l for l in stderr.splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1, stderr
+        assert lines[0].startswith("streamprune: error: ") and match in lines[0] and "Usage" not in stderr, lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_sparsity_given_as_a_percentage_suggests_the_fraction(model, tmp_path):
+    line = expect_error(model, tmp_path / "out", "--sparsity", "50", match="strictly between 0 and 1")
+    assert "did you mean 0.5?" in line
+
+
+@pytest.mark.parametrize("args", [["--sparsity", "50"], ["--method", "nope"], ["--dtype", "int8"],
+                                  ["--structure", "4:2"], ["--nproc", "0"], ["--gpu-memory-limit", "lots"]])
+def test_a_refused_option_never_imports_torch(args, model, tmp_path):
+    """Options are checked before torch (3-10 s to import on a busy machine) is loaded: the refusal is immediate."""
+    code = ("import sys\nfrom streamprune.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code, "prune", str(model), str(tmp_path / "out"), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["2", "False", "False"], (res.stdout, res.stderr)
+    assert res.stderr.startswith("streamprune: error: ") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_calibration_json_document_is_not_jsonl(model, tmp_path):
+    """A valid JSON file that is not JSON Lines (a config.json, an array): said so, not "not valid JSON"."""
+    line = expect_error(model, tmp_path / "out", "--calib", model / "config.json", match="not JSON Lines")
+    assert "one JSON object over" in line and '"input_ids"' in line
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))
+    expect_error(model, tmp_path / "out", "--calib", tmp_path / "array.json", match="one JSON array over")
+
+
+# ------------------------------------------------------------------ OUT paths the filesystem cannot hold
+
+def test_out_name_longer_than_the_filesystem_allows(model, ids_file, tmp_path):
+    expect_error(model, tmp_path / ("o" * 300), "--calib", ids_file, "--nsamples", "8", "--seqlen", "32", match="longer than the filesystem allows (255)")
+    expect_error(model, tmp_path / ("o" * 300) / "out", "--calib", ids_file, match="longer than the filesystem allows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_out_path_beyond_path_max(model, ids_file, tmp_path):
+    """A path the job's own files below OUT would take past PATH_MAX (4096 on Linux): refused before anything is
+    created, not at the first file."""
+    deep = tmp_path.joinpath(*["d" * 200] * (4096 // 201))
+    line = expect_error(model, deep, "--calib", ids_file, "--nsamples", "8", "--seqlen", "32", match="the system's limit of 4096 bytes")
+    assert "choose a shorter path" in line
+    assert not (tmp_path / ("d" * 200)).exists()
+
+
+# ------------------------------------------------------------------ a file-size limit (ulimit -f)
+
+def test_file_size_limit_mid_job_is_one_line_and_resumes(model, ids_file, tmp_path):
+    """EFBIG as ENOSPC: a real process under RLIMIT_FSIZE (Python ignores SIGXFSZ, so the write fails with EFBIG
+    instead of the signal killing the process) stops with one line; resumed without the limit, the output is
+    byte for byte an unlimited job's."""
+    import resource
+    import signal
+
+    args = ("--calib", ids_file, "--nsamples", "8", "--seqlen", "32", "--no-progress")
+    clean = cli("prune", model, tmp_path / "clean", *args)
+    assert clean.returncode == 0, clean.stderr
+    sizes = sorted({p.stat().st_size for p in (tmp_path / "clean").glob("*.safetensors")})
+    assert len(sizes) > 1
+    limit = (sizes[-1] + sizes[0]) // 2  # the first shard (embeddings and head) fits, the largest does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "streamprune", "prune", str(model), str(out), *map(str, args)],
+                         capture_output=True, text=True, timeout=300, preexec_fn=limited,
+                         env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert res.returncode == 2, (res.returncode, -res.returncode == signal.SIGXFSZ, res.stderr)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "file-size limit (ulimit -f)" in lines[0] and "streamprune resume" in lines[0], lines
+    assert not (out / INDEX).exists()
+    res = cli("resume", out)
+    assert res.returncode == 0, res.stderr
+    published = [{k: v for k, v in tree(d).items() if not k.startswith(".streamprune")} for d in (out, tmp_path / "clean")]
+    assert published[0] == published[1]

@@ -296,3 +296,47 @@ def test_method_workspace_is_what_the_prune_takes(method, out, inp, dtype):
         if 0.9 * measured <= planned <= 1.3 * measured:
             return
     pytest.fail(f"planned {planned / 2 ** 20:.0f} MiB; three prunes measured {seen} MiB")
+
+
+def test_plan_memory_sizes_name_their_unit(config_dir):
+    """`--gpu-memory 24` is 24 GB, not 24 bytes; prune's name `--gpu-memory-limit` works too; a size that is not
+    one is one line naming the option."""
+    d = str(config_dir("llama-2-70b"))
+    outs = [CliRunner().invoke(main, ["plan", d, flag, size, "--host-memory", "64", "--json"])
+            for flag, size in (("--gpu-memory", "24"), ("--gpu-memory", "24GB"), ("--gpu-memory-limit", "24GB"))]
+    assert all(r.exit_code == 0 for r in outs), [r.output for r in outs]
+    plans = [json.loads(r.output) for r in outs]
+    assert plans[0] == plans[1] == plans[2] and plans[0]["gpu_memory"] == 24 * GiB and plans[0]["plan"]["fits"]
+    assert plans[0]["host_memory"] == 64 * GiB
+    res = CliRunner().invoke(main, ["plan", d, "--gpu-memory", "lots"])
+    assert res.exit_code == 2 and res.stderr.strip() == ("streamprune: error: --gpu-memory-limit 'lots': not a memory "
+                                                        "size (e.g. 24GB, 512MiB; a bare number is GB)"), res.stderr
+
+
+def test_plan_of_a_small_model_counts_its_parameters(tiny_models):
+    res = CliRunner().invoke(main, ["plan", str(tiny_models("llama")), "--nsamples", "8", "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    first = res.output.splitlines()[0]
+    assert "0.00B" not in first and "blocks of 57.8K parameters" in first, first
+
+
+def test_plan_takes_prunes_options_and_plans_what_prune_runs(tiny_models, ids_file, tmp_path):
+    """plan has prune's options that change memory (--structure width: the refit's statistics) or are refused by
+    prune (an N:M that does not divide the linears), declared once; its plan is the one the prune job makes."""
+    model = str(tiny_models("llama"))
+    common = ["--nsamples", "8", "--seqlen", "32", "--structure", "width", "--sparsity", "0.25", "--json"]
+    res = CliRunner().invoke(main, ["plan", model, *common])
+    assert res.exit_code == 0, res.output
+    planned = json.loads(res.output)
+    assert planned["structure"] == "width" and planned["plan"]["statistics_bytes"] == 3 * 160 * 160 * 4
+    unstructured = json.loads(CliRunner().invoke(main, ["plan", model, *common[:4], "--json"]).output)
+    assert unstructured["plan"]["statistics_bytes"] == 0
+    res = CliRunner().invoke(main, ["prune", model, str(tmp_path / "out"), "--calib", str(ids_file), "--no-progress",
+                                    *common])
+    assert res.exit_code == 0, res.output
+    ran = json.loads(res.stdout)["plan"]
+    same = ("block_bytes_checkpoint", "block_bytes_compute", "activation_buffer_bytes", "forward_transient_bytes",
+            "workspace_bytes", "statistics_bytes", "row_chunk", "tier", "disk_bytes")
+    assert {k: ran[k] for k in same} == {k: planned["plan"][k] for k in same}
+    res = CliRunner().invoke(main, ["plan", model, "--structure", "3:7"])
+    assert res.exit_code == 2 and "not divisible by M=7" in res.stderr, res.output

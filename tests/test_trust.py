@@ -242,7 +242,9 @@ def test_malformed_state_is_one_line(model, ids_file, tmp_path):
 
 @pytest.mark.parametrize("args,match", [(["--dtype", "int4"], "--dtype"), (["--activations", "foo"], "--activations"),
                                         (["--nsamples", "0"], "--nsamples"), (["--seqlen", "99999"], "context"),
-                                        (["--nproc", "0"], "--nproc")])
+                                        (["--nproc", "0"], "--nproc"),
+                                        (["--nproc", "5", "--nsamples", "4"], "more ranks than calibration batches"),
+                                        (["--structure", "3:7"], "not divisible by M=7")])
 def test_plan_validates_options_like_prune(args, match, model):
     from click.testing import CliRunner
 
@@ -457,3 +459,57 @@ def test_check_pruned_refuses_negative_zero_and_short_groups():
     with pytest.raises(StreamPruneError, match="fewer than 2 zeros"):
         check_pruned(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.tensor([[True, False, False, False]]),
                      Structure(2, 4), "x")
+
+
+# ------------------------------------------------------------------------------------------ finished and unfinished jobs
+
+@pytest.mark.slow
+def test_report_on_an_unfinished_job_says_so(six, tmp_path):
+    """`report` on an OUT whose job is still running, or stopped before its end: the job's state, with `status`
+    (and `resume`) as the way forward; not a complaint about missing safetensors."""
+    model, calib, _ = six
+    out = tmp_path / "out"
+    job = start_paused(model, out, calib)
+    try:
+        res = cli("report", out)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert f"still running there (pid {job.pid}" in res.stderr and f"streamprune status {out}" in res.stderr
+    finally:
+        job.kill()
+        job.wait()
+    res = cli("report", out)
+    assert res.returncode == 2 and "not finished" in res.stderr and f"streamprune resume {out}" in res.stderr, res.stderr
+    assert cli("resume", out).returncode == 0
+    res = cli("report", out, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["blocks"], res.stderr
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_files_follow_the_umask(mask, model, ids_file, tmp_path):
+    """Shards as readable as the config and tokenizer files beside them: mode 0666 less the umask (safetensors
+    creates its files 0600), so a group that serves a shared model directory can read it."""
+    res = subprocess.run([sys.executable, "-m", "streamprune", "prune", str(model), str(tmp_path / "out"),
+                          "--calib", str(ids_file), *ARGS], capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: os.umask(mask))
+    assert res.returncode == 0, res.stderr[-2000:]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes) and "config.json" in modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_rerun_of_a_finished_job_says_nothing_was_done(model, ids_file, tmp_path):
+    first = cli("prune", model, tmp_path / "out", "--calib", ids_file, *ARGS)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli("prune", model, tmp_path / "out", "--calib", ids_file, *ARGS)
+    assert again.returncode == 0, again.stderr[-2000:]
+    wall = next(l for l in again.stdout.splitlines() if "wall time" in l)
+    assert "()" not in wall and "already complete" in wall, wall
+
+
+def test_half_precision_on_the_cpu_is_warned(model, ids_file, tmp_path):
+    """--dtype float16 on the CPU runs matrix products many times slower than float32: one line says so first."""
+    res = cli("prune", model, tmp_path / "out", "--calib", ids_file, *ARGS, "--dtype", "float16", "--device", "cpu")
+    warnings = [l for l in res.stderr.splitlines() if l.startswith("streamprune: warning:")]
+    assert len(warnings) == 1 and "--dtype float16 on the CPU is slow" in warnings[0], res.stderr[-2000:]
+    res = cli("prune", model, tmp_path / "f32", "--calib", ids_file, *ARGS, "--device", "cpu")
+    assert res.returncode == 0 and "warning" not in res.stderr
