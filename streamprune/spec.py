@@ -44,7 +44,7 @@ def slow_on_cpu(device, dtype) -> str | None:
 
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         return (f"streamprune: warning: --dtype {str(dtype)[6:]} on the CPU is slow (without half-precision matrix "
-                f"units a CPU runs its matrix products up to 60x slower than float32, the CPU default)")
+                f"units a CPU runs its matrix products tens of times slower than float32, the CPU default)")
     return None
 
 

@@ -383,3 +383,16 @@ def test_file_size_limit_mid_job_is_one_line_and_resumes(model, ids_file, tmp_pa
     assert res.returncode == 0, res.stderr
     published = [{k: v for k, v in tree(d).items() if not k.startswith(".streamprune")} for d in (out, tmp_path / "clean")]
     assert published[0] == published[1]
+
+
+def test_the_names_checked_without_torch_are_the_registries():
+    """choices.py names the methods, refinements, profiles and dtypes for the checks made before torch is loaded;
+    they are the registries' own."""
+    import torch
+
+    from streamprune import choices
+    from streamprune.methods import METHODS, PROFILES, REFINES
+    from streamprune.spec import parse_dtype
+
+    assert (tuple(METHODS), tuple(REFINES), tuple(PROFILES)) == (choices.METHODS, choices.REFINES, choices.PROFILES)
+    assert {parse_dtype(name) for name in choices.DTYPES} == {torch.float32, torch.bfloat16, torch.float16}
