@@ -43,8 +43,9 @@ def build_smollm2(dest: Path | None = None, force: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(spec.origin).parent
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    with gguf_bar_as_progress():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -64,6 +65,25 @@ def build_smollm2(dest: Path | None = None, force: bool = False) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+@contextmanager
+def gguf_bar_as_progress():
+    """transformers' GGUF conversion draws a plain tqdm bar that its progress switch does not reach; while the
+    demo model is converted, that bar is ours (progress.bar: plain lines when stderr is not a terminal)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from .progress import bar
+
+    old = getattr(gguf_utils, "tqdm", None)
+    if old is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable=None, **kwargs: bar(iterable, leave=False, **kwargs)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = old
 
 
 def generate(model_dir: Path, prompt: str = PROMPT, new_tokens: int = 12) -> str:
@@ -136,7 +156,7 @@ def check_out(out: Path, model_dir: Path) -> None:
 @contextmanager
 def quiet_transformers_bars():
     """transformers' bars that honour its switch (loading and saving weights) off: the demo prints its own steps.
-    Its GGUF conversion bar (the first run's build only) is a plain tqdm that this switch does not reach."""
+    Its GGUF conversion bar is a plain tqdm that this switch does not reach (gguf_bar_as_progress)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()

@@ -13,8 +13,9 @@ def test_demo_writes_under_the_cache_and_logs_plain_progress(smollm2, tmp_path):
     cwd.mkdir()
     (cache / "smollm2-135m").symlink_to(smollm2)  # the built model, so the demo does not build it again
     res = subprocess.run([sys.executable, "-m", "streamprune", "demo", "--nsamples", "2", "--seqlen", "32", "--json"],
-                         cwd=cwd, capture_output=True, text=True, timeout=900,
+                         cwd=cwd, capture_output=True, timeout=900,  # bytes: text mode turns '\r' into '\n'
                          env=dict(os.environ, STREAMPRUNE_CACHE=str(cache), TOKENIZERS_PARALLELISM="false"))
+    res = subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
     assert res.returncode == 0, res.stderr
     assert list(cwd.iterdir()) == []  # nothing in the current directory
     s = json.loads(res.stdout)
@@ -48,3 +49,14 @@ def test_demo_refuses_an_out_that_is_not_its_own(tiny_models, ids_file, tmp_path
                                      f"choose a new or empty directory"
     assert (foreign / "notes.txt").read_text() == "mine" and sorted(p.name for p in job.iterdir()) == before
     assert not (tmp_path / "cache").exists()
+
+
+def test_model_build_logs_no_bars(smollm2, tmp_path):
+    """The first run's build (GGUF conversion included) writes no carriage returns into a log."""
+    code = ("from pathlib import Path; from streamprune.demo import build_smollm2, quiet_transformers_bars\n"
+            f"with quiet_transformers_bars(): build_smollm2(Path({str(tmp_path / 'model')!r}), force=True)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=900)  # bytes: see above
+    stderr = res.stderr.decode()
+    assert res.returncode == 0, stderr
+    assert "\r" not in stderr and "\x1b[" not in stderr, repr(stderr[:400])
+    assert (tmp_path / "model" / "model.safetensors.index.json").is_file()

@@ -8,10 +8,16 @@ import sys
 
 import pytest
 
-from test_bad_input import cli
 from tiny import write_ids
 
 ESCAPES = ("\x1b[", "\r")
+
+
+def cli(*args, env=None):
+    """The CLI in a child whose stderr is a pipe, read as bytes: text mode would turn a '\r' into a newline."""
+    res = subprocess.run([sys.executable, "-m", "streamprune", *map(str, args)], capture_output=True, timeout=300,
+                         env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
 
 
 def plain(stderr: str) -> None:
@@ -31,10 +37,11 @@ def test_prune_and_eval_log_plain_lines_when_piped(tiny_models, tmp_path):
     # eval (the API: tiny models have no tokenizer), in a child whose stderr is a pipe
     code = (f"import torch, streamprune.evaluate as e; e.evaluate({str(model)!r}, ids=torch.arange(64) % 200, "
             f"seqlen=16)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    plain(res.stderr)
-    assert [line for line in res.stderr.splitlines() if line.startswith("blocks: 3/3 blocks")], res.stderr
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    stderr = res.stderr.decode()
+    assert res.returncode == 0, stderr
+    plain(stderr)
+    assert [line for line in stderr.splitlines() if line.startswith("blocks: 3/3 blocks")], stderr
 
 
 def test_owl_sweep_and_resume_log_plain_lines(tiny_models, tmp_path):
