@@ -123,3 +123,22 @@ def test_a_fused_tensor_the_model_splits_is_named_not_missing(tmp_path, ids_file
                  match="parameter model.layers.0.self_attn.q_proj.weight: the checkpoint stores it inside "
                        "model.layers.0.attention.query_key_value.weight through conversion operations ['Split'], "
                        "which streamprune does not read")
+
+
+def test_a_convolution_in_a_block_is_not_taken_for_experts(tiny_models, ids_file, tmp_path):
+    """Mamba's blocks hold a depthwise Conv1d ([channels, 1, width]: 3-D like a fused experts tensor) beside
+    nn.Linears, one of which (dt_proj) has one output per channel like a router. The kernel is copied bit for
+    bit and every linear is pruned, dt_proj included."""
+    model = tiny_models("mamba")
+    stored = tensors(model)
+    # magnitude: Mamba's forward reads dt_proj's weight without calling it (no input statistics for wanda)
+    res = cli("prune", model, tmp_path / "out", "--method", "magnitude", *ARGS, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["experts"] == 0
+    got = tensors(tmp_path / "out")
+    for i in range(3):
+        prefix = f"backbone.layers.{i}.mixer."
+        assert torch.equal(got[prefix + "conv1d.weight"], stored[prefix + "conv1d.weight"])
+        for lin in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+            w = got[prefix + lin + ".weight"]  # magnitude: one threshold per matrix
+            assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), lin

@@ -37,6 +37,7 @@ FAMILIES = {
 # families built on demand only (not in the suite's every-family parametrizations)
 MORE_FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", {}),  # output head `embed_out` in its checkpoints, `lm_head` in the model
+    "mamba": ("MambaConfig", {}),  # a depthwise Conv1d in every block (3-D kernels that are not experts)
 }
 
 
