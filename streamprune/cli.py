@@ -112,6 +112,7 @@ def _print_summary(s: dict, as_json: bool) -> None:
         f"(worst block {worst.get('index')}: {worst.get('sparsity', 0):.4f})"
         + (f"; MLP width {s['intermediate_size']['before']} -> {s['intermediate_size']['after']}"
            if "intermediate_size" in s else "") + _from_data(s),
+        *_width_lines(s.get("intermediate_size"), s.get("bytes")),
         f"  device {s['device']} ({s['compute_dtype']}), activations {s['activations']}, "
         f"{s['nsamples']} x {s['seqlen']} calibration tokens",
         f"  wall time {s['wall_seconds']:.1f}s" + (" (" + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()) + ")" if ph
@@ -123,13 +124,28 @@ def _print_summary(s: dict, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+def _width_lines(w: dict | None, size: dict | None) -> list[str]:
+    """--structure width: the fraction of MLP channels removed as asked and as rounded, the model's size after,
+    and the llama.cpp warning if any (the same lines for prune and plan)."""
+    if not w:
+        return []
+    lines = [f"  MLP channels removed: requested {w['requested']:.4f}, achieved {w['achieved']:.4f} (kept "
+             f"{w['after']} of {w['before']}, a multiple of {w['multiple']})"
+             + (f"; model {human_bytes(size['before'])} -> {human_bytes(size['after'])}"
+                if size and size.get("after") is not None else "")]
+    if w.get("llama_cpp_warning"):
+        lines.append(f"  warning: {w['llama_cpp_warning']}")
+    return lines
+
+
 PRUNE_OPTIONS = [
     click.option("--sparsity", type=float, default=0.5, show_default=True,
                  help="Fraction of weights to zero (unstructured); with --structure width, of MLP channels to remove."),
     click.option("--structure", default="unstructured", show_default=True,
                  help="'unstructured', N:M (e.g. 2:4 or 4:8), or 'width': remove whole MLP channels (a smaller model)."),
-    click.option("--width-multiple", type=int, default=8, show_default=True,
-                 help="--structure width: channels kept per block, rounded to a multiple of this."),
+    click.option("--width-multiple", type=int, default=256, show_default=True,
+                 help="--structure width: channels kept per block, rounded to a multiple of this (256: every row "
+                      "quantizes in llama.cpp's k-quants; 32: its legacy quants; 64/128: GPU tensor cores)."),
     click.option("--width-compensation/--no-width-compensation", default=True, show_default=True,
                  help="--structure width: refit the down projection on the kept channels by least squares."),
     click.option("--method", default="wanda", show_default=True,
@@ -334,6 +350,9 @@ def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
                f"({r['compute_dtype']}), {r['nsamples']} x {r['seqlen']} calibration tokens, "
                f"batch {r['batch_size']}, {r['ranks']} rank(s), host memory {hb(r['host_memory'])}, "
                f"GPU memory {hb(r['gpu_memory'])}")
+    if "width" in r:
+        click.echo("\n".join(line[2:] for line in _width_lines(r["width"], {"before": r["checkpoint_bytes"],
+                                                                             "after": r["bytes_after"]})))
     if p["expert_group"]:
         click.echo(f"experts streamed through the device {p['expert_group']} of {r['experts']} at a time (a whole "
                    f"block does not fit)" + ("" if p["overlap"] else "; blocks read and written in the foreground "

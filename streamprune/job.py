@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import time
 from contextlib import nullcontext
 
@@ -29,7 +30,7 @@ from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
 from .spec import PruneOptions, PruneSpec, check_ranks, slow_on_cpu
 from .state import BlockRecord, JobDir, damaged, fingerprint, open_job, stored_options, verify_committed
-from .width import shrink_config
+from .width import llama_cpp_warning, shrink_config, width_facts
 from .writer import copy_side_files, shard_name, write_atomic, write_index, write_shard
 
 BACKGROUND_PHASES = ("read_block", "write")  # on the I/O thread, overlapping other blocks' main-thread phases
@@ -95,6 +96,8 @@ class PruneJob:
     def run(self) -> dict:
         spec, rt = self.spec, self.rt
         self.plan = plan_job(spec, self.model.blocks, self.ckpt)
+        if spec.structure.width and (warning := llama_cpp_warning(spec.pruner.keep)):
+            self.obs.log(f"warning: {warning}")
         if self.plan.expert_group:
             self._check_groups()  # before OUT is touched
         with MemoryMonitor(device=spec.device) as mon, (self.jobdir.locked() if rt.dist.main else nullcontext()):
@@ -396,7 +399,11 @@ def summary(job: PruneJob, mon: MemoryMonitor, resumed: bool) -> dict:
         "block_seconds": [state.blocks[k].phase_seconds for k in sorted(sp)],
     }
     if spec.structure.width:  # sparsity above: the fraction of the MLP weights removed
-        out["intermediate_size"] = {"before": spec.pruner.intermediate, "after": spec.pruner.keep}
+        out["intermediate_size"] = width_facts(spec.pruner.intermediate, spec.pruner.keep, spec.options.sparsity,
+                                               spec.options.width_multiple)
+        index = spec.out / INDEX_NAME
+        out["bytes"] = {"before": sum(t.nbytes for t in job.ckpt.tensors.values()),
+                        "after": json.loads(index.read_text())["metadata"]["total_size"] if index.is_file() else None}
     out.update(mon.report())
     if job.plan is not None:
         out["plan"] = job.plan.as_dict()

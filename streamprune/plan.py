@@ -339,7 +339,8 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None
     `options` are prune's (spec.PruneOptions: nsamples, seqlen, batch_size, dtype, activations, method, refine,
     structure, sparsity, expert_group, ...), checked exactly as prune checks them. `device` defaults to cuda when
     `gpu_memory` is given; `host_memory` defaults to what is available now. Also returns, for 8/12/16/24 GB cards,
-    the tier and the predicted peaks with the same settings.
+    the tier and the predicted peaks with the same settings. With `structure="width"`: the channels prune would
+    keep ("width": requested and achieved fractions, the llama.cpp warning) and the output's size ("bytes_after").
     """
     import json
 
@@ -385,6 +386,14 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None
             2 * text.vocab_size * text.hidden_size * itemsize(ckpt_dtype)
     # what prune would build (structured width: its refit, planned as plan_job plans it)
     pruner = width_pruner(info, o, compute, ckpt_dtype) if structure.width else o.pruner()
+    extra = {}
+    if structure.width:  # the width kept, as requested and achieved, and the output's size (width.py)
+        from .width import check_model, removed_bytes, width_facts
+
+        check_model(blocks, config)
+        extra = {"width": width_facts(pruner.intermediate, pruner.keep, o.sparsity, o.width_multiple),
+                 "bytes_after": ckpt_bytes - removed_bytes(blocks, pruner.intermediate, pruner.keep,
+                                                           itemsize(ckpt_dtype))}
     common = dict(nsamples=o.nsamples, seqlen=seqlen, batch=o.batch_size, ckpt_itemsize=itemsize(stored),
                   host_free=host, checkpoint_bytes=ckpt_bytes, needs_activations=pruner.needs_data,
                   snapshot=snapshot and o.snapshot_every > 0, ranks=ranks, needs=pruner.needs,
@@ -403,4 +412,4 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None
             "compute_dtype": str(compute)[6:], "device": device, "nsamples": o.nsamples, "seqlen": seqlen,
             "batch_size": o.batch_size, "ranks": ranks, "method": o.method, "structure": str(structure),
             "sparsity": o.sparsity, "checkpoint_bytes": ckpt_bytes, "host_memory": host, "gpu_memory": gpu,
-            "plan": main.as_dict(), "cards": cards}
+            "plan": main.as_dict(), "cards": cards, **extra}

@@ -130,7 +130,7 @@ def width_report(model: StreamedModel, ckpt: Checkpoint, state, after_size: int)
     """A `--structure width` output: every block's MLP intermediate size before (from the job state: the consumer's
     elements before, over its rows) and after (the stored consumer's columns), and the parameters and bytes of
     the whole checkpoint after (its files) and before (plus the removed rows and columns, biases included)."""
-    from .width import find_mlp
+    from .width import find_mlp, llama_cpp_warning
 
     stored = lambda name: [ckpt.tensors[p.name] for p in model.layout.pieces[name]]  # noqa: E731
     blocks, removed, removed_bytes = [], 0, 0
@@ -155,9 +155,14 @@ def width_report(model: StreamedModel, ckpt: Checkpoint, state, after_size: int)
     params = sum(math.prod(t.shape) for t in ckpt.tensors.values())
     nbytes = sum(t.nbytes for t in ckpt.tensors.values())
     befores = {b["before"] for b in blocks}
-    return {"intermediate_size": {"before": befores.pop() if len(befores) == 1 else None, "after": after_size},
+    before = befores.pop() if len(befores) == 1 else None
+    options = state.fingerprint.get("options", {})
+    return {"intermediate_size": {"before": before, "after": after_size},
             "blocks": blocks, "parameters": {"before": params + removed, "after": params},
-            "bytes": {"before": nbytes + removed_bytes, "after": nbytes}}
+            "bytes": {"before": nbytes + removed_bytes, "after": nbytes},
+            "channels_removed": {"requested": options.get("sparsity"), "multiple": options.get("width_multiple"),
+                                 "achieved": round(1 - after_size / before, 4) if before else None},
+            "llama_cpp_warning": llama_cpp_warning(after_size)}
 
 
 def _pruning_line(p: dict) -> str:
@@ -217,6 +222,13 @@ def _format_width(d: dict) -> str:
     p, n = w["parameters"], w["bytes"]
     lines.append(f"parameters {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.2%} fewer); "
                  f"size {human_bytes(n['before'])} -> {human_bytes(n['after'])}")
+    c = w.get("channels_removed", {})
+    if c.get("requested") is not None:
+        lines.append(f"MLP channels removed: requested {c['requested']:.4f}"
+                     + (f", achieved {c['achieved']:.4f}" if c.get("achieved") is not None else "")
+                     + (f" (kept a multiple of {c['multiple']})" if c.get("multiple") else ""))
+    if w.get("llama_cpp_warning"):
+        lines.append(f"warning: {w['llama_cpp_warning']}")
     lines.append(f"exact zeros in the block weights: {d['overall']:.4f} (width pruning removes channels and adds no "
                  f"zeros)")
     return "\n".join(lines)

@@ -152,7 +152,7 @@ class PruneOptions:
     owl_m: float = 5.0
     expert_min_tokens: int = 16         # experts reached by fewer calibration tokens use all tokens' statistics
     expert_group: int = 0               # experts streamed through the device this many at a time (0: as planned)
-    width_multiple: int = 8             # --structure width: channels kept per block, a multiple of this
+    width_multiple: int = 256           # --structure width: channels kept per block, a multiple of this (llama.cpp)
     width_compensation: bool = True     # --structure width: refit the down projection by least squares
     admm_iters: int = 20                # --method admm: ADMM iterations per linear
     admm_gradual: int = 15              # --method admm: the first iterations that re-choose the mask (cubic schedule)

@@ -8,7 +8,11 @@ block with the module's own forward: the shrunk MLP must give what the dense MLP
 columns zeroed, on a fixed random probe, or the job stops with one line.
 
 Every block keeps the same number of channels (a multiple of `--width-multiple`), so the output is the stock
-architecture with a smaller `intermediate_size`. Channel j's score is Wanda's metric summed over its consumer
+architecture with a smaller `intermediate_size`. The default multiple, 256, is what llama.cpp's k-quants need along
+each row (a down projection's row is `intermediate_size` long): its quantizer (src/llama-quant.cpp in the
+llama.cpp inside the llama-cpp-python source distribution) stores a tensor whose rows are not a multiple of a type's
+block in a fallback type, Q4_K -> Q5_0 and Q6_K -> Q8_0 for rows that are a multiple of 32, F16 for rows that are
+not; a "smaller" model can then be larger and slower than the dense one. Channel j's score is Wanda's metric summed over its consumer
 column: sum_i |W_down[i, j]| * ||x_j|| (x: the consumer's input on the calibration tokens; without data,
 sum_i |W_down[i, j]|). Compensation (on by default) then refits the consumer on the kept channels by least
 squares from the second moment G = X^T X of its input, gathered in the same dense pass:
@@ -37,14 +41,54 @@ DAMP = 0.01               # the least damping fraction (SparseGPT's)
 DAMP_PER_RATIO = 0.3      # x keep / tokens: more damping when the refit has few tokens per unknown
 
 
+MULTIPLE = 256        # --width-multiple's default: llama.cpp's k-quant block (QK_K) along each row
+LEGACY_BLOCK = 32     # llama.cpp's legacy quants' block (Q4_0, Q5_0, Q8_0, ...)
+
+
 def kept_channels(intermediate: int, ratio: float, multiple: int) -> int:
     """Channels every block keeps: (1 - ratio) x intermediate rounded to a multiple of `multiple`."""
     keep = round(intermediate * (1 - ratio) / multiple) * multiple
     if not 0 < keep < intermediate:
+        what = "nothing to remove" if keep >= intermediate else "nothing to keep"
         raise StreamPruneError(f"--structure width --sparsity {ratio}: {intermediate} intermediate channels rounded "
-                               f"to a multiple of {multiple} keeps {keep}; choose a sparsity that removes some and "
-                               f"keeps some")
+                               f"to a multiple of {multiple} keeps {keep}, {what}; choose another --sparsity"
+                               + (" or a smaller --width-multiple (llama.cpp quantizes every row in full only at "
+                                  "multiples of 256)" if multiple > 1 else ""))
     return keep
+
+
+def llama_cpp_warning(width: int) -> str | None:
+    """One line when llama.cpp will not quantize a row of `width` (the down projection's) as asked, else None."""
+    if width % LEGACY_BLOCK:
+        return (f"MLP width {width} is not a multiple of {LEGACY_BLOCK}: llama.cpp stores every down projection "
+                f"(ffn_down) in F16 whatever the quantization (--width-multiple {MULTIPLE} avoids it)")
+    if width % MULTIPLE:
+        return (f"MLP width {width} is not a multiple of {MULTIPLE}: llama.cpp's k-quants (Q4_K_M, Q6_K, ...) "
+                f"store every down projection (ffn_down) in a larger legacy type (Q4_K -> Q5_0, Q6_K -> Q8_0); "
+                f"--width-multiple {MULTIPLE} avoids it")
+    return None
+
+
+def width_facts(intermediate: int, keep: int, ratio: float, multiple: int) -> dict:
+    """What the summary, the plan and the report say about a width job: requested and achieved fractions of the
+    MLP channels removed, and the llama.cpp warning (None when every row quantizes as asked)."""
+    return {"before": intermediate, "after": keep, "multiple": multiple, "requested": ratio,
+            "achieved": round(1 - keep / intermediate, 4), "llama_cpp_warning": llama_cpp_warning(keep)}
+
+
+def removed_bytes(blocks, intermediate: int, keep: int, itemsize: int) -> int:
+    """Bytes the shrunk MLPs no longer hold, over all blocks: each removed channel is a row of every producer (and
+    its bias) and a column of the consumer, from the modules themselves (no names)."""
+    total = 0
+    for block in blocks:
+        mlp = find_mlp(block, intermediate)
+        down = block.get_submodule(mlp.consumer)
+        per_channel = down.out_features
+        for name, copies in mlp.producers:
+            lin = block.get_submodule(name)
+            per_channel += copies * (lin.in_features + (lin.bias is not None))
+        total += (intermediate - keep) * per_channel * itemsize
+    return total
 
 
 @dataclass
