@@ -86,8 +86,10 @@ def build_skeleton(config, attn_implementation: str = "sdpa", dtype: torch.dtype
             if "attention implementation" in str(e) and attn != "eager":
                 continue
             raise StreamPruneError(f"{unsupported} ({str(e).splitlines()[0][:120]})") from None
-    if any(getattr(m, "is_causal", True) is False for m in model.modules()):
-        raise StreamPruneError(f"{unsupported}: its attention is not causal")
+    acausal = next(((n, m) for n, m in model.named_modules() if getattr(m, "is_causal", True) is False), None)
+    if acausal is not None:
+        raise StreamPruneError(f"{unsupported}: its attention is not causal ({acausal[0]}: "
+                               f"{type(acausal[1]).__name__})")
     return model.eval().requires_grad_(False)
 
 
@@ -234,7 +236,14 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches, device) -> Capture
                                        f"block ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
             if "input" not in sink or len(sink.get("kwargs", {})) != n:
                 raise StreamPruneError("unsupported architecture: the forward pass did not reach every decoder block")
-            out.inputs.append(sink["input"])
+            h, width = sink["input"], getattr(model.config.get_text_config(), "hidden_size", None)
+            if width and (h.dim() != 3 or h.shape[-1] != width):
+                family = getattr(model.config, "model_type", type(model).__name__)
+                raise StreamPruneError(f"unsupported architecture {family}: its decoder blocks pass hidden states of "
+                                       f"shape {list(h.shape)} from block to block, not [batch, seq, hidden_size "
+                                       f"{width}] (hyper-connections or a widened residual stream); streamprune "
+                                       f"streams hidden-size activations between blocks")
+            out.inputs.append(h)
             b = ids.shape[0]
             if b not in out.kwargs:
                 out.kwargs[b] = [_portable(sink["kwargs"][i]) for i in range(n)]

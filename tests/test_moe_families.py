@@ -24,7 +24,7 @@ from tiny import write_ids
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_local_experts=6,
             n_routed_experts=6, num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, enable_moe_block=True, top_k_experts=2)
+            unpadded_vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, enable_moe_block=True, top_k_experts=2)
 MAX_PARAMS = 20_000_000
 
 
@@ -76,11 +76,7 @@ def calib(tmp_path_factory):
     return write_ids(tmp_path_factory.mktemp("families") / "ids.jsonl", 2, 16)
 
 
-KNOWN = {  # internal errors today, open: strict, so a fix (or a new failure elsewhere) shows
-    "inkling2_text": "internal error: a tensor of negative dimension",
-    "inkling2_loop_text": "internal error: a tensor of negative dimension",
-    "qwen4_exp_text": "internal error: a shape mismatch (64 against 256)",
-}
+KNOWN: dict[str, str] = {}  # internal errors today, open: strict, so a fix (or a new failure elsewhere) shows
 
 
 @pytest.mark.parametrize("model_type", [pytest.param(t, marks=pytest.mark.xfail(reason=KNOWN[t], strict=True))
