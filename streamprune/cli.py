@@ -12,7 +12,7 @@ import click
 
 from . import choices
 from .errors import Interrupted, PeerFailed, StreamPruneError
-from .units import human_bytes, human_count  # no torch at import: `run` turns collection off before the heavy imports
+from .units import human_bytes, human_count, human_seconds  # no torch at import: `run` turns collection off before the heavy imports
 
 REFINES = click.Choice(list(choices.REFINES))  # no torch in the CLI's import: a bad option is refused at once
 
@@ -327,8 +327,9 @@ PLAN_SHARED = ("sparsity", "structure", "width_multiple", "width_compensation", 
 @_with(_prune_options(*PLAN_SHARED))
 @_errors
 def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
-    """Predict memory and disk use of a prune job (with prune's options) from config.json alone, and what fits on
-    8-24 GB cards. No time estimate: time depends on the machine more than on the model."""
+    """Predict memory and disk use of a prune job (with prune's options) from config.json alone, what fits on
+    8-24 GB cards, and the job's time from rates measured on the device now (not on a CUDA device this machine
+    does not have)."""
     from .spec import PruneOptions, check_ranks
     from .units import parse_size
 
@@ -367,6 +368,14 @@ def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
     for label, value in rows:
         click.echo(f"  {label:<38} {hb(value):>12}")
     click.echo(f"  activation tier: {p['tier']}; fits: {'yes' if p['fits'] else 'NO: ' + p['reason']}")
+    t = r["time"]
+    if t["seconds"] is None:
+        click.echo(f"  time: not estimated ({t['reason']})")
+    else:
+        click.echo(f"  time: about {human_seconds(t['seconds'])} ({human_seconds(t['block_seconds'])} per block: forward "
+                   f"{human_seconds(t['forward_seconds'])}, statistics {human_seconds(t['statistics_seconds'])}, prune "
+                   f"{human_seconds(t['prune_seconds'])} in all), from rates measured on {r['device']} now; reading "
+                   f"and writing not counted")
     click.echo("cards (same settings, auto tier):")
     for card, c in r["cards"].items():
         click.echo(f"  {card:>5}: {'fits' if c['fits'] else 'does not fit'}, activations on {c['tier']}, peak GPU "

@@ -8,7 +8,7 @@ of the largest linear in row chunks. `prune` uses the same numbers to choose the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ class BlockShape:
     experts: int = 0         # Mixture-of-Experts: experts in the block's experts module (0: a dense block)
     expert_params: int = 0   # parameters of one expert (its slice of every per-expert parameter)
     expert_inputs: tuple = ()  # in_features of one expert's matrices
+    all_linear_shapes: tuple = ()  # (out, in) of every linear and every expert's matrix (the time estimate)
+    active_params: int = 0   # parameters one token passes through (the routed experts' only; 0: all)
+    ops_per_forward: int = 0  # small tensor operations of one block call, about (the time estimate)
 
 
 def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
@@ -61,10 +64,15 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     modules = list(experts_modules(block).values())
     count = next((t.experts for t in found if t.experts), 0)
     per_expert = sum(getattr(m, a).numel() for m in modules for a in expert_parameters(m)) // count if count else 0
+    params = sum(p.numel() for p in block.parameters())
+    routed = min(count, int(getattr(text, "num_experts_per_tok", None) or count))
     return BlockShape(
+        all_linear_shapes=tuple((int(s[0]), int(s[1])) for t, s in zip(found, shapes) for _ in range(t.experts or 1)),
+        active_params=params - (count - routed) * per_expert,
+        ops_per_forward=3 * sum(1 for _ in block.modules()) + 8 * count,
         experts=count, expert_params=per_expert,
         expert_inputs=tuple(t.in_features for t in found if t.experts),
-        params=sum(p.numel() for p in block.parameters()),
+        params=params,
         largest_linear=(int(largest[0]), int(largest[1])),
         linear_shapes=tuple(sorted({(int(a), int(b)) for a, b in shapes})),
         hidden=text.hidden_size,
@@ -401,6 +409,8 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None
                   expert_group=o.expert_group, method=None if structure.width else pruner)
     main = make_plan(shape, device_type=device, tier=o.activations, gpu_free=gpu, compute_itemsize=itemsize(compute),
                      **common)
+    timing = _time_estimate(shape, len(blocks), o, seqlen, ranks, pruner, structure, torch.device(device), compute,
+                            hessian_inputs=common["hessian_inputs"])
     cards = {}
     for gb in (8, 12, 16, 24):
         p = make_plan(shape, device_type="cuda", tier="auto", gpu_free=gb * GiB,
@@ -412,4 +422,21 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None
             "compute_dtype": str(compute)[6:], "device": device, "nsamples": o.nsamples, "seqlen": seqlen,
             "batch_size": o.batch_size, "ranks": ranks, "method": o.method, "structure": str(structure),
             "sparsity": o.sparsity, "checkpoint_bytes": ckpt_bytes, "host_memory": host, "gpu_memory": gpu,
-            "plan": main.as_dict(), "cards": cards, **extra}
+            "plan": main.as_dict(), "cards": cards, "time": timing, **extra}
+
+
+def _time_estimate(shape, n_blocks, o, seqlen, ranks, pruner, structure, device, compute, hessian_inputs) -> dict:
+    """The job's time (timing.py) from rates measured on `device` now; without that device, why not."""
+    from .methods import profile_named
+    from .timing import estimate, measure
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {"seconds": None, "reason": "no CUDA device on this machine to measure; run plan where the job runs"}
+    passes = (2 if pruner.needs_data else 0) + bool(profile_named(o.sparsity_profile, o.owl_lambda, o.owl_m).sweeps)
+    needs = pruner.needs
+    if hessian_inputs is not None:  # structured width: the one Hessian of the consumer's input
+        shape = replace(shape, stat_inputs=hessian_inputs[:1])
+    rates = measure(device, compute, shape.hidden, max(o_ for o_, _ in shape.linear_shapes or (shape.largest_linear,)))
+    return estimate(shape, n_blocks, nsamples=o.nsamples, seqlen=seqlen, batch=o.batch_size, ranks=ranks,
+                    pruner=pruner, passes=passes, needs=needs, rates=rates, structure=structure,
+                    sparsity=o.sparsity)

@@ -142,6 +142,16 @@ class WidthPruner:
         self.needs_data, self.compensate = needs_data, compensate and needs_data
         self.needs = frozenset({"sq_norm"} | ({"hessian"} if self.compensate else set())) if needs_data else frozenset()
 
+    def prune_work(self, out: int, inp: int, structure, sparsity: float):
+        """For the time estimate: the consumer's refit (a Cholesky solve of the kept channels, about
+        intermediate^3 / 3, and W_R G_RS) and the channel scores; the producers are only sliced."""
+        from .methods.base import Work
+
+        if inp != self.intermediate:
+            return Work(steps=5)
+        return Work(flops=(inp ** 3 / 3 + 2 * out * inp * inp) if self.compensate else 0, selections=out * inp,
+                    steps=50)
+
     def hessian_widths(self) -> tuple:
         """For the planner: G (intermediate^2 float32), its kept block and that block's Cholesky factor."""
         return (self.intermediate,) * 3 if self.compensate else ()

@@ -341,3 +341,54 @@ def test_plan_takes_prunes_options_and_plans_what_prune_runs(tiny_models, ids_fi
     assert {k: ran[k] for k in same} == {k: planned["plan"][k] for k in same}
     res = CliRunner().invoke(main, ["plan", model, "--structure", "3:7"])
     assert res.exit_code == 2 and "not divisible by M=7" in res.stderr, res.output
+
+
+def test_time_estimate_counts_the_jobs_work():
+    """The time model (timing.py) over fixed rates: forwards scale with the tokens and the passes, ranks split the
+    tokens, SparseGPT and ADMM add their Hessians and factorizations, magnitude runs no forward."""
+    from streamprune.methods import method_named
+    from streamprune.methods.base import Pruner, Structure
+    from streamprune.plan import BlockShape
+    from streamprune.spec import PruneOptions
+    from streamprune.timing import Rates, estimate, forward_flops
+
+    shape = BlockShape(params=1000, largest_linear=(20, 10), hidden=10, intermediate=20, heads=2, kv_heads=2,
+                       head_dim=5, stat_inputs=(10, 20), linear_shapes=((20, 10), (10, 20)),
+                       all_linear_shapes=((20, 10), (20, 10), (10, 20)), ops_per_forward=7)
+    rates = Rates(matmul=1e6, select=1e5, step=1e-3)
+
+    def est(method="wanda", nsamples=4, ranks=1, passes=2):
+        pruner = Pruner(method_named(method, PruneOptions()))
+        return estimate(shape, 3, nsamples=nsamples, seqlen=8, batch=1, ranks=ranks, pruner=pruner, passes=passes,
+                        needs=pruner.needs, rates=rates, structure=Structure(), sparsity=0.5)
+
+    w = est()
+    fwd = forward_flops(1000, 32, 8, 2, 5)
+    assert fwd == 2 * 1000 * 32 + 2 * 32 * 8 * 10
+    assert w["forward_seconds"] == pytest.approx(3 * 2 * (fwd / 1e6 + 4 * 7 * 1e-3))
+    assert w["statistics_seconds"] == 0
+    assert w["prune_seconds"] == pytest.approx(3 * (600 / 1e5 + 3 * 20 * 1e-3))
+    assert w["seconds"] == pytest.approx(w["forward_seconds"] + w["prune_seconds"])
+    assert est(nsamples=8)["forward_seconds"] == pytest.approx(2 * w["forward_seconds"])
+    assert est(ranks=2)["forward_seconds"] == pytest.approx(w["forward_seconds"] / 2)
+    assert est(passes=3)["forward_seconds"] == pytest.approx(1.5 * w["forward_seconds"])
+    g, a = est("sparsegpt"), est("admm")
+    assert g["statistics_seconds"] == pytest.approx(3 * 2 * 32 * (10 ** 2 + 20 ** 2) / 1e6)
+    assert w["prune_seconds"] < g["prune_seconds"] < a["prune_seconds"]
+    assert est("magnitude", passes=0)["forward_seconds"] == 0
+
+
+def test_plan_estimates_time_where_it_can_measure(tiny_models):
+    model = str(tiny_models("llama"))
+    res = CliRunner().invoke(main, ["plan", model, "--nsamples", "8", "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "time:" in x)
+    assert "time: about" in line and "per block" in line and "measured on cpu" in line, line
+    r = json.loads(CliRunner().invoke(main, ["plan", model, "--nsamples", "8", "--seqlen", "32", "--json"]).output)
+    t = r["time"]
+    assert t["seconds"] > 0 and t["forward_seconds"] > 0 and t["seconds"] == pytest.approx(t["block_seconds"] * r["blocks"])
+    assert t["rates"]["matmul_flops"] > 0
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(main, ["plan", model, "--gpu-memory-limit", "24GB", "--json"])
+        assert json.loads(res.output)["time"] == {"seconds": None, "reason": "no CUDA device on this machine to "
+                                                  "measure; run plan where the job runs"}

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import StreamPruneError
 from .sparsegpt import FACTORIZATION
-from .base import BYTES_PER_METRIC_ELEMENT, Method, Pruned, Structure, check_prunable, row_chunks, select
+from .base import BYTES_PER_METRIC_ELEMENT, Method, Pruned, Structure, Work, check_prunable, row_chunks, select
 
 
 # bytes per element of a row chunk at ADMM's peak (W0, V, U, Z as float32, 16, plus the selection's 15 while
@@ -59,6 +59,14 @@ class ADMM(Method):
         rows = chunk_rows(out, inp, self._chunk(row_chunk))
         return int(max(FACTORIZATION * inp * inp * 4,
                        inp * inp * 4 + out * inp * (itemsize + 1) + rows * inp * MEASURED_BYTES_PER_ELEMENT))
+
+    def prune_work(self, out, inp, structure, sparsity) -> Work:
+        """The factorization (about in^3), one (rows x in) by (in x in) product per iteration, a selection per
+        gradual iteration (two for N:M below N/M), about eight small operations per iteration and row chunk."""
+        chunks = -(-out // chunk_rows(out, inp, 0))
+        return Work(flops=inp ** 3 + 2 * self.iters * out * inp * inp,
+                    selections=self.gradual * out * inp * (2 if structure.is_nm else 1),
+                    steps=8 * self.iters * chunks)
 
     @staticmethod
     def _chunk(row_chunk: int) -> int:

@@ -82,6 +82,18 @@ def scaled_abs_mask(weight: torch.Tensor, column_scale: torch.Tensor | None, spa
     return mask
 
 
+@dataclass(frozen=True)
+class Work:
+    """What pruning (or a forward) costs, counted for the time estimate (timing.py): matmul FLOPs, metric
+    elements through a selection, and small tensor operations (each a fixed dispatch cost)."""
+    flops: float = 0
+    selections: float = 0
+    steps: float = 0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.flops + other.flops, self.selections + other.selections, self.steps + other.steps)
+
+
 class Pruned(NamedTuple):
     mask: torch.Tensor
     weight: torch.Tensor | None = None  # a new weight (already zero where masked), when the method updates it
@@ -103,6 +115,10 @@ class Method:
         figure): the selection of one row chunk and the bool mask."""
         return min(out, row_chunk or out) * inp * BYTES_PER_METRIC_ELEMENT + out * inp
 
+    def prune_work(self, out: int, inp: int, structure: Structure, sparsity: float) -> Work:
+        """The cost of pruning one [out, inp] matrix (the time estimate's figure): one selection over it."""
+        return Work(selections=out * inp, steps=20)
+
     def prune(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, row_chunk: int) -> Pruned:
         raise NotImplementedError
 
@@ -115,6 +131,10 @@ class Refinement:
     def workspace_bytes(self, out: int, inp: int, itemsize: int, row_chunk: int) -> int:
         """Peak transient bytes of refining one [out, inp] mask (after the method's workspace is freed)."""
         return 0
+
+    def refine_work(self, out: int, inp: int, structure: Structure) -> Work:
+        """The cost of refining one [out, inp] mask (the time estimate's figure)."""
+        return Work()
 
     def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats, structure: Structure,
                row_chunk: int) -> torch.Tensor:
@@ -170,6 +190,10 @@ class Pruner:
     def workspace_bytes(self, out: int, inp: int, itemsize: int, row_chunk: int) -> int:
         refined = self.refinement.workspace_bytes(out, inp, itemsize, row_chunk) if self.refinement else 0
         return max(self.method.workspace_bytes(out, inp, itemsize, row_chunk), refined)
+
+    def prune_work(self, out: int, inp: int, structure: Structure, sparsity: float) -> Work:
+        work = self.method.prune_work(out, inp, structure, sparsity)
+        return work + self.refinement.refine_work(out, inp, structure) if self.refinement else work
 
     def prune(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, row_chunk: int) -> Pruned:
         result = self.method.prune(weight, stats, sparsity, structure, row_chunk)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import StreamPruneError
-from .base import Method, Pruned, Structure, check_prunable
+from .base import Method, Pruned, Structure, Work, check_prunable
 
 
 FACTORIZATION = 2.25  # in x in float32 matrices live at once while H is factorized and inverted (measured)
@@ -29,6 +29,12 @@ class SparseGPT(Method):
         factorizing = out * inp * 4 + FACTORIZATION * inp * inp * 4
         updating = inp * inp * 4 + out * inp * (UPDATE_BYTES + (itemsize if itemsize != 4 else 0)) + 12 * out * 128 * 4
         return int(max(factorizing, updating))
+
+    def prune_work(self, out, inp, structure, sparsity) -> Work:
+        """The factorizations (about in^3), the updates after each column block (out x in^2 in all) and inside
+        it (out x in x 128), one selection over W; per column about ten small operations."""
+        return Work(flops=inp ** 3 + out * inp * inp + 2 * out * inp * 128, selections=out * inp,
+                    steps=10 * inp + 12 * -(-inp // 128))
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
         # once no other linear shares this Hessian, its memory is reused for the factorization
