@@ -109,7 +109,8 @@ def too_little(source: str, tokens: int, nsamples: int, seqlen: int) -> StreamPr
     if tokens // nsamples >= 2:
         fits += f", or --seqlen {tokens // nsamples} with --nsamples {nsamples}"
     return StreamPruneError(f"{source}: {tokens} tokens, too little text for --nsamples {nsamples} x --seqlen {seqlen}"
-                            f" = {nsamples * seqlen} tokens; {fits}; or give more text (README: \"Calibration data\")")
+                            f" = {nsamples * seqlen} tokens; {fits}; or give more text"
+                            f" (docs/options.md: \"Calibration data\")")
 
 
 def load_tokenizer(tokenizer_dir: Path | None, hint: str):

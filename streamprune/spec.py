@@ -294,7 +294,7 @@ class PruneSpec:
         if pruner.needs_data and not (options.calib or options.calib_dataset):
             seqlen = info.seqlen(options.seqlen)  # a bad --seqlen is reported before the missing --calib
             raise StreamPruneError(f"--method {options.method} needs calibration text: give --calib FILE or "
-                                   f"--calib-dataset NAME (README: \"Calibration data\")")
+                                   f"--calib-dataset NAME (docs/options.md: \"Calibration data\")")
         if pruner.needs_data and options.calib_dataset:
             from .calibration import import_datasets
 

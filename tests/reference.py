@@ -274,7 +274,7 @@ def _mlp_linears(layer):
 @torch.no_grad()
 def reference_width(model, ids: torch.Tensor, ratio: float, multiple: int = 8, compensate: bool = True,
                     damp: float = 0.01, damp_per_ratio: float = 0.3):
-    """Shrink every MLP of `model` in place to the same number of channels (README, --structure width).
+    """Shrink every MLP of `model` in place to the same number of channels (docs/edge.md, --structure width).
 
     Channel j's score: sum_i |W_down[i, j]| x ||x_j|| (x: down's input over the calibration tokens, through the
     already shrunk blocks before it; Wanda's float32 scaler); the highest `keep` stay (ties: the lower index).

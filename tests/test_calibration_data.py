@@ -59,7 +59,7 @@ def test_too_little_text_names_the_largest_nsamples_that_fits(model, tmp_path):
                            "--no-progress"))
     assert "1000 tokens, too little text for --nsamples 128 x --seqlen 64 = 8192 tokens" in msg, msg
     assert "it fits at most --nsamples 15 at --seqlen 64, or --seqlen 7 with --nsamples 128" in msg, msg
-    assert "Calibration data" in msg
+    assert 'docs/options.md: "Calibration data"' in msg, msg
     # what it names is exactly the edge: 16 is refused, 15 runs
     assert "fits at most --nsamples 15" in one_error(invoke("prune", model, tmp_path / "o", "--calib", text,
                                                             "--nsamples", 16, "--seqlen", 64, "--no-progress"))

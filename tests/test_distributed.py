@@ -60,7 +60,7 @@ def test_sparsegpt_two_ranks_disagreement_is_small(model, tmp_path):
                 total += v.numel()
                 torch.testing.assert_close(v, b[k], atol=1e-4, rtol=1e-4)  # the same update, float32 rounding apart
     print(f"sparsegpt 1 vs 2 ranks: {flipped} of {total} mask entries differ")
-    assert total and flipped == 0  # what the README states for this model
+    assert total and flipped == 0  # what docs/distributed.md states for this model
 
 
 @pytest.mark.slow
