@@ -57,8 +57,9 @@ def main(argv=None) -> int:
             summary = run(["prune", str(args.model), str(Path(tmp) / name), *calib, *opts, "--restart",
                            "--no-progress"])
             wall = time.perf_counter() - t0
-            ph = summary["phases"]
-            measured = {"forward": ph.get("statistics", 0) + ph.get("propagate", 0) + ph.get("owl_sweep", 0),
+            ph = summary["phase_seconds"]
+            io = ("prune", "read", "read_block", "write", "snapshot", "capture")
+            measured = {"forward": sum(v for k, v in ph.items() if k not in io),
                         "prune": ph.get("prune", 0), "job": summary["wall_seconds"], "process": wall}
             row = {"case": name, "options": " ".join(opts), "predicted": plan["seconds"],
                    "predicted_forward": plan["forward_seconds"] + plan["statistics_seconds"],

@@ -43,6 +43,12 @@ class BlockShape:
     ops_per_forward: int = 0  # small tensor operations of one block call, about (the time estimate)
 
 
+# small tensor operations per module of a block call, the loop's own work per call included (reading the micro-batch
+# from the store, writing its output, the call's kwargs): SmolLM2-135M's 13-module blocks at 8 tokens a call take
+# 1.7 ms a call beyond their FLOPs, about 40 x 13 operations at the 3.3 us one took (benchmarks/plan_time.py)
+OPS_PER_MODULE = 40
+
+
 def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     """The shape of the largest block (DeepSeek-V3's first blocks are dense, the rest Mixture-of-Experts): its
     parameters, its largest matrix (a linear, or one expert's), the widest output of a linear or an expert, and
@@ -69,7 +75,7 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     return BlockShape(
         all_linear_shapes=tuple((int(s[0]), int(s[1])) for t, s in zip(found, shapes) for _ in range(t.experts or 1)),
         active_params=params - (count - routed) * per_expert,
-        ops_per_forward=3 * sum(1 for _ in block.modules()) + 8 * count,
+        ops_per_forward=OPS_PER_MODULE * sum(1 for _ in block.modules()) + 8 * count,
         experts=count, expert_params=per_expert,
         expert_inputs=tuple(t.in_features for t in found if t.experts),
         params=params,
@@ -436,7 +442,9 @@ def _time_estimate(shape, n_blocks, o, seqlen, ranks, pruner, structure, device,
     needs = pruner.needs
     if hessian_inputs is not None:  # structured width: the one Hessian of the consumer's input
         shape = replace(shape, stat_inputs=hessian_inputs[:1])
-    rates = measure(device, compute, shape.hidden, max(o_ for o_, _ in shape.linear_shapes or (shape.largest_linear,)))
+    shapes = shape.linear_shapes or (shape.largest_linear,)
+    rates = measure(device, compute, shape.hidden, max(out for out, _ in shapes), o.batch_size * seqlen,
+                    tuple(inp for _, inp in shapes))
     return estimate(shape, n_blocks, nsamples=o.nsamples, seqlen=seqlen, batch=o.batch_size, ranks=ranks,
                     pruner=pruner, passes=passes, needs=needs, rates=rates, structure=structure,
                     sparsity=o.sparsity)

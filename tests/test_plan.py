@@ -353,12 +353,12 @@ def test_time_estimate_counts_the_jobs_work():
     from streamprune.methods.base import Pruner, Structure
     from streamprune.plan import BlockShape
     from streamprune.spec import PruneOptions
-    from streamprune.timing import Rates, estimate, forward_flops
+    from streamprune.timing import Rates, elementwise_per_token, estimate, forward_flops
 
     shape = BlockShape(params=1000, largest_linear=(20, 10), hidden=10, intermediate=20, heads=2, kv_heads=2,
                        head_dim=5, stat_inputs=(10, 20), linear_shapes=((20, 10), (10, 20)),
                        all_linear_shapes=((20, 10), (20, 10), (10, 20)), ops_per_forward=7)
-    rates = Rates(matmul=1e6, select=1e5, step=1e-3)
+    rates = Rates(matmul=1e6, select={10: 1e5, 20: 1e5}, step=1e-3)
 
     def est(method="wanda", nsamples=4, ranks=1, passes=2):
         pruner = Pruner(method_named(method, PruneOptions()))
@@ -368,17 +368,24 @@ def test_time_estimate_counts_the_jobs_work():
     w = est()
     fwd = forward_flops(1000, 32, 8, 2, 5)
     assert fwd == 2 * 1000 * 32 + 2 * 32 * 8 * 10
-    assert w["forward_seconds"] == pytest.approx(3 * 2 * (fwd / 1e6 + 4 * 7 * 1e-3))
-    assert w["statistics_seconds"] == 0
-    assert w["prune_seconds"] == pytest.approx(3 * (600 / 1e5 + 3 * 20 * 1e-3))
-    assert w["seconds"] == pytest.approx(w["forward_seconds"] + w["prune_seconds"])
+    elements = 32 * elementwise_per_token(shape, 8)
+    assert elements == 32 * (10 * 10 + 4 * 20 + 2 * 2 * 8)
+    assert w["forward_seconds"] == pytest.approx(3 * 2 * (fwd / 1e6 + 4 * 7 * 1e-3 + elements / 1e9))
+    hooks = 3 * 32 * 30 / 1e9 + 4 * 30 * 2 * 1e-3  # sq_norm hooks: 3 passes per input element, 30 ops per call
+    assert w["statistics_seconds"] == pytest.approx(3 * hooks)
+    assert w["prune_seconds"] == pytest.approx(3 * (2 * 600 / 1e5 + 3 * 20 * 1e-3))  # the selection, the mask applied
+    assert w["seconds"] == pytest.approx(w["forward_seconds"] + w["statistics_seconds"] + w["prune_seconds"])
     assert est(nsamples=8)["forward_seconds"] == pytest.approx(2 * w["forward_seconds"])
     assert est(ranks=2)["forward_seconds"] == pytest.approx(w["forward_seconds"] / 2)
     assert est(passes=3)["forward_seconds"] == pytest.approx(1.5 * w["forward_seconds"])
     g, a = est("sparsegpt"), est("admm")
-    assert g["statistics_seconds"] == pytest.approx(3 * 2 * 32 * (10 ** 2 + 20 ** 2) / 1e6)
-    assert w["prune_seconds"] < g["prune_seconds"] < a["prune_seconds"]
-    assert est("magnitude", passes=0)["forward_seconds"] == 0
+    assert g["statistics_seconds"] == pytest.approx(3 * (2 * 32 * (10 ** 2 + 20 ** 2) / 1e6 + hooks))
+    assert w["prune_seconds"] < g["prune_seconds"] and w["prune_seconds"] < a["prune_seconds"]
+    work = {m: Pruner(method_named(m, PruneOptions())).prune_work(4096, 11008, Structure(), 0.5).flops
+            for m in ("wanda", "sparsegpt", "admm")}
+    assert work["wanda"] == 0 < work["sparsegpt"] < work["admm"]
+    m = est("magnitude", passes=0)
+    assert m["forward_seconds"] == 0 and m["statistics_seconds"] == 0
 
 
 def test_plan_estimates_time_where_it_can_measure(tiny_models):

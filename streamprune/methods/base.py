@@ -85,13 +85,16 @@ def scaled_abs_mask(weight: torch.Tensor, column_scale: torch.Tensor | None, spa
 @dataclass(frozen=True)
 class Work:
     """What pruning (or a forward) costs, counted for the time estimate (timing.py): matmul FLOPs, metric
-    elements through a selection, and small tensor operations (each a fixed dispatch cost)."""
+    elements through a selection, small tensor operations (each a fixed dispatch cost) and elements through
+    elementwise operations."""
     flops: float = 0
     selections: float = 0
     steps: float = 0
+    elements: float = 0  # elements through elementwise ops (memory-bound)
 
     def __add__(self, other: "Work") -> "Work":
-        return Work(self.flops + other.flops, self.selections + other.selections, self.steps + other.steps)
+        return Work(self.flops + other.flops, self.selections + other.selections, self.steps + other.steps,
+                    self.elements + other.elements)
 
 
 class Pruned(NamedTuple):
