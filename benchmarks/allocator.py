@@ -3,7 +3,7 @@
 * current: block-lifetime tensors in mappings of their own (memory.host_empty), malloc_trim after each block
   and after large linears, glibc's allocator otherwise left alone;
 * previous: a process-wide M_MMAP_THRESHOLD of 64 KiB (set here with mallopt before the CLI starts, as
-  streamprune did before issue 9), which made every tensor above 64 KiB, every activation of every op
+  streamprune did before memory.host_empty), which made every tensor above 64 KiB, every activation of every op
   included, a fresh mapping.
 
 Two measurements per setting, alternating (current, previous, previous, current, ...):

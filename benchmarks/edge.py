@@ -6,7 +6,7 @@ of 512 tokens of *test*, streamed by streamprune.evaluate in float32), and CPU d
 turn within each round (alternating, so load drifts hit all alike), best of the rounds. Width models with and
 without compensation have the same shapes, so their speed is measured once per width.
 
-Calibration: 16 windows x 256 tokens drawn with seed 0 from WikiText-2 *valid* (the issue's protocol).
+Calibration: 16 windows x 256 tokens drawn with seed 0 from WikiText-2 *valid* (benchmarks/throughput.py's job).
 Each prune runs in its own process (`python -m streamprune prune ... --json`); its wall time and peak RSS are
 from its summary. Run it alone on the machine:
 
@@ -82,8 +82,9 @@ def decode_speed(dirs: dict, rounds: int, prompt) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows (the issue's protocol: 16)")
-    ap.add_argument("--seqlen", type=int, default=256, help="calibration window length (the issue's protocol: 256)")
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows (benchmarks/throughput.py's: 16)")
+    ap.add_argument("--seqlen", type=int, default=256, help="calibration window length "
+                    "(benchmarks/throughput.py's: 256)")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode timing (it does not depend on "
                     "the calibration)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "edge.json")

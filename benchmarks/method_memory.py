@@ -1,5 +1,5 @@
 """Peak host memory and prune time per method on blocks large enough that the block, not the interpreter, sets the
-peak (issue 13: ADMM within SparseGPT's per-block memory plus 10%).
+peak (target: ADMM within SparseGPT's per-block memory plus 10%).
 
 A synthetic Llama-shaped checkpoint (benchmarks/synthetic.py; default hidden 2048, intermediate 8192, 2 blocks,
 bf16) is pruned on the CPU in float32 by each method in its own process (`python -m streamprune prune ... --json`),

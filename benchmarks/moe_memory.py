@@ -1,5 +1,5 @@
 """DeepSeek-V3-shaped blocks pruned on the CPU with their experts streamed in groups: peak host memory against
-the number of blocks, and against the plan the job made (issue 11, blocks larger than the card).
+the number of blocks, and against the plan the job made (blocks larger than the card; streamprune/groups.py).
 
 For each count N: a synthetic checkpoint of DeepSeek-V3's real shapes in its release layout (benchmarks/
 synthetic.py --release: MLA attention, a shared expert, 256 routed experts of 2048 x 7168, one FP8 tensor per

@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2-135M pruned by every streamprune method, at 50/60/70% unstructured, 4:8 and 2:4.
 
-Protocol (docs/wanda-spec.md, "Evaluation protocol"): calibration = 32 windows x 512 tokens drawn with seed 0
+Protocol (perplexity as Sun et al. 2023 measure it): calibration = 32 windows x 512 tokens drawn with seed 0
 from WikiText-2 *valid*; perplexity on WikiText-2 *test*, the first 20 non-overlapping windows of 512 tokens,
 batch 1, float32 on the CPU, through streamprune.evaluate.evaluate (streamed, one block at a time).
 
@@ -82,7 +82,7 @@ SETTINGS = {
 PRIORITY = ["50%", "2:4", "70%", "60%", "4:8"]
 # not candidates for "the best option": the reference itself and the baselines
 BASELINES = ("dense", "magnitude", "wanda")
-# issue targets: the best option must beat plain Wanda's ppl by this fraction
+# targets: the best option must beat plain Wanda's ppl by this fraction
 TARGETS = {"50%": 0.10, "2:4": 0.15, "70%": 0.30}
 # reference figures for scale (an in-memory run with the same protocol)
 EXPECTED = {"dense": 29.3, "magnitude@50%": 293, "wanda@50%": 53.2, "wanda@2:4": 142}

@@ -1,6 +1,6 @@
 """Whole-process wall time of streamprune against the same job in memory and in llm-compressor (the peer).
 
-The job (issue 9): SmolLM2-135M, 16 x 256 calibration tokens (the same pinned windows for every side, drawn from
+The job: SmolLM2-135M, 16 x 256 calibration tokens (the same pinned windows for every side, drawn from
 WikiText-2 valid with seed 0 and written once as JSONL), float32 on the CPU, Wanda 50% unstructured, batch 1.
 Each side is one fresh process, timed from outside (start-up, imports and saving included):
 

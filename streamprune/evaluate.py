@@ -5,7 +5,7 @@ host tensor. The head (final norm, output projection, logit softcapping, ...) is
 the model's own forward runs once more per batch with every block replaced by a stand-in that passes hidden
 states through, except the last, which returns the stored final hidden states.
 
-Formula (wanda-spec.md, "Evaluation protocol"): the token stream is cut into non-overlapping windows of
+Formula (the evaluation protocol of Sun et al. 2023): the token stream is cut into non-overlapping windows of
 `seqlen` tokens (tail dropped); each window's loss is the mean cross-entropy of its shifted logits
 (`logits[:, :-1]` against `ids[:, 1:]`, i.e. seqlen - 1 predicted tokens); nll is the mean of the window losses
 and ppl = exp(nll). All windows have the same length, so this is also the mean NLL over all predicted tokens.

@@ -2,7 +2,7 @@
 
 Nothing here reads or writes files or job state; the block arrives with its weights and leaves pruned, and its
 outputs (the next block's inputs) are in the activation store. Statistics come from the still dense block, for
-every linear from the same pass; the propagation runs the pruned block on the same inputs (wanda-spec.md).
+every linear from the same pass; the propagation runs the pruned block on the same inputs (Wanda, Sun et al. 2023).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def host_empty(shape, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
     them is dropped, whatever malloc does with its heap; small ones, and pinned ones (CUDA's host allocator),
     come from torch as usual. Leaving malloc alone keeps the forward passes fast: a process-wide
     M_MMAP_THRESHOLD of 64 KiB, the previous way to keep peak RSS flat, made every activation of every op a
-    fresh mapping and the SmolLM2 job 1.4x slower (issue 9)."""
+    fresh mapping and the SmolLM2 job 1.4x slower (benchmarks/allocator.py)."""
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if pin or nbytes < OWN_MAPPING_BYTES:

@@ -1,7 +1,7 @@
 """Reading a safetensors checkpoint one tensor at a time, into buffers this process owns.
 
 Why not `safetensors.safe_open`: its default backend memory-maps the file, and one surviving view keeps the
-whole mapped shard resident (platform-facts.md); its `pread` backend (0.8) copies, but holds the GIL for the
+whole mapped shard resident, even after the file is closed; its `pread` backend (0.8) copies, but holds the GIL for the
 whole read. Measured here, reading a 512 MB tensor in a background thread: a Python loop in the main thread ran
 44k-79k iterations during the safetensors read and 855k-947k during the positioned reads below, which release
 the GIL in `readinto`; the read-ahead thread must not stall the forward passes. Its header API exposes no data

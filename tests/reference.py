@@ -1,4 +1,4 @@
-"""An in-memory reference, written from wanda-spec.md: whole model in memory, batch 1, float32.
+"""An in-memory reference, written from the paper (Sun et al. 2023): whole model in memory, batch 1, float32.
 
 Deliberately independent of streamprune's machinery: block i's statistics come from full-model forwards in
 which blocks 0..i-1 are already pruned in place (hooks on block i's linears, a stop right after block i).
@@ -191,7 +191,7 @@ class _ExpertRows(torch.overrides.TorchFunctionMode):
 @torch.no_grad()
 def reference_prune_moe(model, ids: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0,
                         routers: tuple = ()) -> dict:
-    """Wanda, the rule of issue 11 written out on transformers' own model (eager experts, batch 1): every linear
+    """Wanda on MoE blocks, written out on transformers' own model (eager experts, batch 1): every linear
     of a block except routing gates (and the linears named in `routers`, module names inside a layer) as usual;
     each expert's matrices with the statistics of the rows the model's router sends it (the gate/up input: those
     tokens' hidden states; the down input: the expert's own gated activations of them), a sequence that sends it

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 checkpoints (issue 11): dequantized for statistics and compute, pruned, written back as FP8
+"""Block-scaled FP8 checkpoints: dequantized for statistics and compute, pruned, written back as FP8
 codes with the original scales. Masks as pruning the dequantized twin in float32; same size; unpruned codes and
 every scale bit for bit the input's."""
 

@@ -1,4 +1,4 @@
-"""Experts streamed through the device in groups (issue 11, blocks larger than the card; groups.py): every output
+"""Experts streamed through the device in groups (blocks larger than the card; groups.py): every output
 tensor bit for bit the whole-block path's, for each MoE family, method, structure, layout and dtype; what it cannot
 do refused before OUT is touched; the plan streams DeepSeek-V3's experts on a 24 GB card."""
 

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts (issue 11): every expert pruned with Wanda on the tokens the model's own router sends it,
+"""Mixture-of-Experts: every expert pruned with Wanda on the tokens the model's own router sends it,
 equal to an in-memory reference written from that rule on transformers' own model, for several families and
 both on-disk layouts (one tensor per expert, as save_pretrained writes, and the fused in-memory layout)."""
 

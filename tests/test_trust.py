@@ -1,4 +1,4 @@
-"""No silent wrong output: every checkpoint is pruned exactly or refused, and no job can spoil another (issue 10).
+"""No silent wrong output: every checkpoint is pruned exactly or refused, and no job can spoil another.
 
 Numerics are held against transformers' own model loaded in the compute dtype; jobs are real processes."""
 

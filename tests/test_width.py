@@ -1,4 +1,4 @@
-"""Structured width (`--structure width`, issue 12): whole MLP channels removed, the consumer refitted.
+"""Structured width (`--structure width`, docs/edge.md): whole MLP channels removed, the consumer refitted.
 
 Held against an in-memory reference on transformers' own model (tests/reference.py: the same score from full-model
 forwards through the already shrunk blocks, the compensation solved as the documented ridge problem by float64

@@ -1,5 +1,6 @@
 """Wanda (Sun et al. 2023): zero the smallest |W_ij| * sqrt(s_j) per output row, s_j = mean over sequences of
-the squared input norm of channel j (statistics.SquaredNorms). wanda-spec.md, exactly."""
+the squared input norm of channel j (statistics.SquaredNorms). Selection and tie rule: methods/base.py;
+held against tests/reference.py."""
 
 from __future__ import annotations
 
