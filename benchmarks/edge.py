@@ -1,7 +1,7 @@
 """Edge deployment: what structured width buys on SmolLM2-135M, beside the dense and the unstructured-Wanda models.
 
 For each model: parameters and file size (from the written shards), WikiText-2 perplexity (the first 10 windows
-of 512 tokens of *test*, streamed by streamprune.evaluate in float32), and CPU decode speed: transformers
+of 512 tokens of *test*, streamed by streamprune.evaluate() in float32), and CPU decode speed: transformers
 `generate`, batch 1, greedy, exactly 128 new tokens after a 32-token prompt, float32, every model measured in
 turn within each round (alternating, so load drifts hit all alike), best of the rounds. Width models with and
 without compensation have the same shapes, so their speed is measured once per width.
@@ -92,7 +92,7 @@ def main() -> None:
 
     from streamprune.calibration import calibration_windows
     from streamprune.demo import build_smollm2
-    from streamprune.evaluate import evaluate, make_windows, read_token_stream
+    from streamprune.evaluation import evaluate, make_windows, read_token_stream
 
     model = build_smollm2()
     work = Path(tempfile.mkdtemp(prefix="streamprune-edge-"))

@@ -7,7 +7,7 @@ benchmarks/synthetic.py, pruned on CPU in a subprocess (`python -m streamprune p
     python benchmarks/memory_scaling.py                       # 2, 4, 8 blocks of 70B shape (about 35 min here)
     python benchmarks/memory_scaling.py --blocks 2 --diagnose 2   # + a run with RSS peaks per pipeline phase
     python benchmarks/memory_scaling.py --tiny                # a 1-minute smoke test with a shrunken shape
-    python benchmarks/memory_scaling.py --replan              # re-predict stored results with the current plan.py
+    python benchmarks/memory_scaling.py --replan              # re-predict stored results with the current planner.py
 
 `--diagnose N` reruns the N-block prune with an Observer that tags every RSS sample with the phase the main
 thread is in (read / statistics / prune / propagate ...) and what the I/O thread is doing (read_block / write),
@@ -241,12 +241,12 @@ def phase_table(peaks: dict) -> str:
 
 
 def replan(results_path: str, host_memory: str) -> dict:
-    """Recompute the predictions of stored rows with the current plan.py: config.json + index only, no weights."""
+    """Recompute the predictions of stored rows with the current planner.py: config.json + index only, no weights."""
     import tempfile
 
     from synthetic import load_config_dict
 
-    from streamprune.plan import plan_for
+    from streamprune.planner import plan_for
 
     res = json.loads(Path(results_path).read_text())
     shape, st = res["shape"], res["settings"]
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="shrunken shape (smoke test)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints and outputs")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "memory_scaling.json"))
-    ap.add_argument("--replan", action="store_true", help="only recompute the predictions of --results with plan.py")
+    ap.add_argument("--replan", action="store_true", help="only recompute the predictions of --results with planner.py")
     a = ap.parse_args(argv)
     if a.replan:
         res = replan(a.results, a.host_memory)
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         for r in res["rows"]:
             if "predicted_peak_host_bytes_first_run" in r:
                 old = r["predicted_peak_host_bytes_first_run"]
-                print(f"{r['blocks']} blocks: prediction before the plan.py fix {fmt_gb(old)} "
+                print(f"{r['blocks']} blocks: prediction before the planner.py fix {fmt_gb(old)} "
                       f"({100 * (old - r['peak_rss_bytes']) / r['peak_rss_bytes']:+.1f}%), now "
                       f"{fmt_gb(r['predicted_peak_host_bytes'])} ({r['error_pct']:+.1f}%)")
         return 0

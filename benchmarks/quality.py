@@ -2,7 +2,7 @@
 
 Protocol (perplexity as Sun et al. 2023 measure it): calibration = 32 windows x 512 tokens drawn with seed 0
 from WikiText-2 *valid*; perplexity on WikiText-2 *test*, the first 20 non-overlapping windows of 512 tokens,
-batch 1, float32 on the CPU, through streamprune.evaluate.evaluate (streamed, one block at a time).
+batch 1, float32 on the CPU, through streamprune.evaluation.evaluate (streamed, one block at a time).
 
 Each prune runs in its own process (`python -m streamprune prune ... --json --no-progress`) so the peak RSS
 in its summary is the prune's own; the pruned checkpoint is evaluated, then deleted. Every result is written
@@ -171,14 +171,14 @@ def prune(model_dir: Path, out: Path, row: str, setting: str, args, log_file: Pa
 
 
 def evaluate(model_dir: Path, ids, args) -> dict:
-    from streamprune.evaluate import evaluate as run
+    from streamprune.evaluation import evaluate as run
 
     return run(model_dir, ids=ids, seqlen=args.seqlen_eval, windows=args.windows, device="cpu",
                dtype="float32", progress=False)
 
 
 def test_ids(model_dir: Path, args):
-    from streamprune.evaluate import read_token_stream
+    from streamprune.evaluation import read_token_stream
 
     stream = read_token_stream(args.text, model_dir)
     # evaluate() uses the first `windows` windows of the stream; cutting it here gives the same windows

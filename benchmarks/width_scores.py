@@ -224,7 +224,7 @@ def main() -> None:
 
     from streamprune.calibration import calibration_windows
     from streamprune.demo import build_smollm2
-    from streamprune.evaluate import make_windows, read_token_stream
+    from streamprune.evaluation import make_windows, read_token_stream
 
     model = build_smollm2()
     torch.set_num_threads(2)

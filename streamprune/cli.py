@@ -83,7 +83,8 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="streamprune")
 def main():
-    """Prune large language models with Wanda, one decoder block in memory at a time."""
+    """Prune large language models (wanda, ria, sparsegpt, admm, magnitude; unstructured, N:M or MLP width), one
+    decoder block in memory at a time."""
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -138,19 +139,33 @@ def _width_lines(w: dict | None, size: dict | None) -> list[str]:
     return lines
 
 
+# the order of `prune --help`: the options every job sets first, then per method and per mode, then the job's own
 PRUNE_OPTIONS = [
+    click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
+    click.option("--calib-dataset", default=None,
+                 help="Calibration text from a dataset (pip install 'streamprune[datasets]'): NAME, NAME:SPLIT or "
+                      "NAME:CONFIG:SPLIT; a save_to_disk directory, data files, or a name in the local datasets cache."),
+    click.option("--calib-column", default=None,
+                 help="--calib-dataset: the text column [default: \"text\", or the only text column]."),
     click.option("--sparsity", type=float, default=0.5, show_default=True,
                  help="Fraction of weights to zero (unstructured); with --structure width, of MLP channels to remove."),
     click.option("--structure", default="unstructured", show_default=True,
                  help="'unstructured', N:M (e.g. 2:4 or 4:8), or 'width': remove whole MLP channels (a smaller model)."),
-    click.option("--width-multiple", type=int, default=256, show_default=True,
-                 help="--structure width: channels kept per block, rounded to a multiple of this (256: every row "
-                      "quantizes in llama.cpp's k-quants; 32: its legacy quants; 64/128: GPU tensor cores)."),
-    click.option("--width-compensation/--no-width-compensation", default=True, show_default=True,
-                 help="--structure width: refit the down projection on the kept channels by least squares."),
-    click.option("--method", default="wanda", show_default=True,
+    click.option("--method", default="wanda", show_default=True, metavar="[" + "|".join(choices.METHODS) + "]",
                  help="wanda; ria (relative importance); sparsegpt (mask + weight update); admm (ADMM weight "
                       "update with gradual mask selection); magnitude (no calibration)."),
+    click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
+    click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--dtype", default=None, metavar="[float32|bfloat16|float16]", help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU]."),
+    click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per calibration forward."),
+    click.option("--refine", type=REFINES, default=None, help="Refine the wanda/ria mask with DSnoT."),
+    click.option("--sparsity-profile", default="uniform", show_default=True, metavar="[" + "|".join(choices.PROFILES) + "]",
+                 help="uniform; owl: per-block sparsity from a dense outlier sweep (average = --sparsity); owl-linear: "
+                      "owl, and inside each block per linear from its own outlier share."),
+    click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL: sparsity spread +-lambda."),
+    click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL: outlier = score > M x mean."),
     click.option("--admm-iters", type=int, default=20, show_default=True, help="admm: iterations per linear."),
     click.option("--admm-gradual", type=int, default=15, show_default=True,
                  help="admm: the first iterations re-choose the mask, sparsity rising on a cubic schedule."),
@@ -158,31 +173,18 @@ PRUNE_OPTIONS = [
                  help="admm: the penalty, in coordinates where every input channel has unit second moment."),
     click.option("--admm-damp", type=float, default=0.01, show_default=True,
                  help="admm: damping of the reconstruction toward the dense weight (same units)."),
-    click.option("--refine", type=REFINES, default=None, help="Refine the wanda/ria mask with DSnoT."),
-    click.option("--sparsity-profile", default="uniform", show_default=True,
-                 help="uniform; owl: per-block sparsity from a dense outlier sweep (average = --sparsity); owl-linear: "
-                      "owl, and inside each block per linear from its own outlier share."),
-    click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL: sparsity spread +-lambda."),
-    click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL: outlier = score > M x mean."),
+    click.option("--width-multiple", type=int, default=256, show_default=True,
+                 help="--structure width: channels kept per block, rounded to a multiple of this (256: every row "
+                      "quantizes in llama.cpp's k-quants; 32: its legacy quants; 64/128: GPU tensor cores)."),
+    click.option("--width-compensation/--no-width-compensation", default=True, show_default=True,
+                 help="--structure width: refit the down projection on the kept channels by least squares."),
     click.option("--expert-min-tokens", type=int, default=16, show_default=True,
                  help="Mixture-of-Experts: an expert reached by fewer calibration tokens is pruned with the "
                       "statistics of all tokens routed to it by force."),
     click.option("--expert-group", type=int, default=0, show_default=True,
                  help="Mixture-of-Experts: stream each block's experts through the device this many at a time "
                       "(0: only when the plan says a whole block does not fit, in the largest groups that do)."),
-    click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
-    click.option("--calib-dataset", default=None,
-                 help="Calibration text from a dataset (pip install 'streamprune[datasets]'): NAME, NAME:SPLIT or "
-                      "NAME:CONFIG:SPLIT; a save_to_disk directory, data files, or a name in the local datasets cache."),
-    click.option("--calib-column", default=None,
-                 help="--calib-dataset: the text column [default: \"text\", or the only text column]."),
-    click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
-    click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU]."),
-    click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per calibration forward."),
-    click.option("--activations", default="auto", show_default=True, help="Activation cache: auto, gpu, cpu or disk."),
+    click.option("--activations", default="auto", show_default=True, metavar="[" + "|".join(choices.TIERS) + "]", help="Activation cache: auto, gpu, cpu or disk."),
     click.option("--gpu-memory-limit", default=None,
                  help="Cap this process's GPU memory (e.g. 24GB; a bare number is GB) to prove a smaller card."),
     click.option("--snapshot-every", type=int, default=8, show_default=True,
@@ -337,7 +339,7 @@ def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
     check_ranks(nproc, options["nsamples"], options["batch_size"])
     parse_size(gpu_memory, "--gpu-memory-limit")
     parse_size(host_memory, "--host-memory")
-    from .plan import plan_for
+    from .planner import plan_for
 
     r = plan_for(model, gpu_memory=gpu_memory, host_memory=host_memory, ranks=nproc, **options)
     if as_json:
@@ -398,7 +400,7 @@ def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
 @_errors
 def eval_(model, text, seqlen, windows, device, dtype, batch_size, progress, expert_group, as_json):
     """Perplexity of MODEL on a text file, streamed one block at a time (non-overlapping windows)."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     r = evaluate(model, text, seqlen=seqlen, windows=windows, device=device, dtype=dtype, progress=progress,
                  batch_size=batch_size, expert_group=expert_group)
@@ -418,7 +420,7 @@ def eval_(model, text, seqlen, windows, device, dtype, batch_size, progress, exp
 def report(out, png, as_json):
     """Per-block and per-linear sparsity of a checkpoint, read one tensor at a time."""
     from .hub import resolve_model
-    from .report import format_report, report as make_report
+    from .reporting import format_report, report as make_report
 
     r = make_report(resolve_model(out), png=png)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))

@@ -24,7 +24,7 @@ from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
 from .groups import ExpertSource, check_blocks
 from .model import StreamedModel, expert_parameters, experts_modules, experts_problem
-from .plan import check_disk, itemsize, plan_job
+from .planner import check_disk, itemsize, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint

@@ -398,3 +398,19 @@ def test_the_names_checked_without_torch_are_the_registries():
 
     assert (tuple(METHODS), tuple(REFINES), tuple(PROFILES)) == (choices.METHODS, choices.REFINES, choices.PROFILES)
     assert {parse_dtype(name) for name in choices.DTYPES} == {torch.float32, torch.bfloat16, torch.float16}
+
+
+def test_python_api_is_four_functions():
+    """`streamprune.prune`, `plan`, `evaluate` and `report` stay the API's functions once the package's modules are
+    imported (a submodule of the same name would replace its function on the package)."""
+    import importlib
+    import inspect
+
+    import streamprune
+
+    for mod in ("cli", "job", "planner", "reporting", "evaluation", "spec"):
+        importlib.import_module(f"streamprune.{mod}")
+    for name in streamprune.__all__:
+        fn = getattr(streamprune, name)
+        assert inspect.isfunction(fn) and len(fn.__doc__) > 200, name
+    assert streamprune.__all__ == ["prune", "plan", "evaluate", "report"]

@@ -45,7 +45,7 @@ def test_non_float_weights_are_refused_by_name_and_dtype_before_any_work(name, f
                                                                      f"quantization_config says how to read it; use the "
                                                                      f"unquantized release or dequantize it first"]
     from streamprune.errors import StreamPruneError
-    from streamprune.evaluate import evaluate
+    from streamprune.evaluation import evaluate
 
     with pytest.raises(StreamPruneError, match=match):
         evaluate(model, ids=torch.arange(64) % 256, seqlen=32, progress=False)
@@ -54,7 +54,7 @@ def test_non_float_weights_are_refused_by_name_and_dtype_before_any_work(name, f
 
 def test_plan_of_a_config_alone_reads_no_weights(model):
     """Without the shards (a config and index downloaded first), plan still plans from the config."""
-    from streamprune.plan import plan_for
+    from streamprune.planner import plan_for
 
     rewrite_tensor(model, "model.layers.0.self_attn.q_proj.weight", as_int8)
     for shard in model.glob("*.safetensors"):

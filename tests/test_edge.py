@@ -59,7 +59,7 @@ def test_planned_widths_of_real_configs(name, intermediate, ratio, tmp_path):
     """The plan of a width job on the published configs (no weights): the width kept is a multiple of 256, the
     fraction achieved is the rounding of the one requested, and the size after is the checkpoint less exactly
     the removed rows and columns (3 x hidden x channels per block, 2 bytes each)."""
-    from streamprune.plan import plan_for
+    from streamprune.planner import plan_for
 
     (tmp_path / "m").mkdir()
     shutil.copy(FIXTURES / "configs" / f"{name}.json", tmp_path / "m" / "config.json")

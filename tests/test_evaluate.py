@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from streamprune.errors import StreamPruneError
-from streamprune.evaluate import evaluate, read_token_stream
+from streamprune.evaluation import evaluate, read_token_stream
 
 
 

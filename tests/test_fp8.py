@@ -23,7 +23,7 @@ def test_fp8_round_trip(structure, fp8, ids_file, tmp_path):
     streamprune.prune(q, tmp_path / "out", **kw)
     streamprune.prune(twin, tmp_path / "twin-out", **kw)
     same_as_twin(q, tmp_path / "out", tmp_path / "twin-out")
-    from streamprune.report import report
+    from streamprune.reporting import report
 
     a, b = report(tmp_path / "out"), report(tmp_path / "twin-out")   # FP8 zeros read from the codes' bits
     assert a["overall"] == pytest.approx(b["overall"], abs=1e-4) and a["overall"] == pytest.approx(0.5, abs=1e-3)

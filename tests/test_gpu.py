@@ -33,7 +33,7 @@ def test_gpu_memory_limit_and_oom_message(tiny_models, ids_file, tmp_path):
     """Peak GPU memory between one block (the weights were there) and the plan's prediction (less the CUDA
     context, which torch's allocator does not count), on a model whose blocks dominate; a cap below it fails
     with the one-line advice, publishing nothing."""
-    from streamprune.plan import CUDA_CONTEXT
+    from streamprune.planner import CUDA_CONTEXT
 
     model = tiny_models("llama", realistic=False, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                         num_key_value_heads=4, num_hidden_layers=2, shard_size="200MB")

@@ -132,7 +132,7 @@ def test_what_groups_do_not_do_is_refused_before_out(calib, tmp_path):
                                     "--seqlen", "32", "--expert-group", "2", "--no-progress"])
     assert res.exit_code == 2 and "cannot be run one group at a time" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o1").exists()
-    from streamprune import evaluate as ev
+    from streamprune import evaluation as ev
     from streamprune.errors import StreamPruneError
 
     def no_capture(*a, **k):
@@ -181,7 +181,7 @@ def test_streamed_eval_with_expert_groups_is_the_whole_blocks(family, tmp_path):
     """`eval --expert-group`: the same losses to the bit as whole blocks, and the in-memory model's perplexity."""
     import math
 
-    from streamprune.evaluate import evaluate
+    from streamprune.evaluation import evaluate
 
     model = wide_qwen3(tmp_path / "m") if family == "wide_qwen3" else make_moe(tmp_path / "m", family)
     ids = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(1))

@@ -35,7 +35,7 @@ def test_prune_and_eval_log_plain_lines_when_piped(tiny_models, tmp_path):
         assert any(line.startswith(f"blocks: {k}/3 blocks, ") and "sparsity 0.500" in line for line in lines), lines
 
     # eval (the API: tiny models have no tokenizer), in a child whose stderr is a pipe
-    code = (f"import torch, streamprune.evaluate as e; e.evaluate({str(model)!r}, ids=torch.arange(64) % 200, "
+    code = (f"import torch, streamprune.evaluation as e; e.evaluate({str(model)!r}, ids=torch.arange(64) % 200, "
             f"seqlen=16)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
     stderr = res.stderr.decode()

@@ -560,7 +560,7 @@ def test_counts_are_the_zeros_written(method, dead_channels, ids_file, tmp_path)
     from click.testing import CliRunner
 
     from streamprune.cli import main
-    from streamprune.report import report
+    from streamprune.reporting import report
     from streamprune.state import JobDir
     from tiny import tensors
 

@@ -107,7 +107,7 @@ def check_against_reference(model_dir, out, calib, n=0, m=0, sparsity=0.5, route
 
 def check_report(out, masks, n, m):
     """`report` reads every expert back through the output's layout: the reference's zeros per expert matrix."""
-    from streamprune.report import report
+    from streamprune.reporting import report
 
     d = report(out)
     for b in d["blocks"]:

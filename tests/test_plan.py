@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import FIXTURES
 from streamprune.cli import main
-from streamprune.plan import plan_for
+from streamprune.planner import plan_for
 from streamprune.units import GiB, parse_size
 
 CONFIGS = FIXTURES / "configs"
@@ -203,7 +203,7 @@ def test_deepseek_v3_is_planned_from_its_largest_block_in_fp8(config_dir):
 def test_expert_groups_shrink_to_the_card(config_dir):
     """The grouped plan's peaks grow with the group; the chosen group is the largest even one under the limit,
     and a card too small even for one expert is refused with the reason."""
-    from streamprune.plan import BlockShape, make_plan
+    from streamprune.planner import BlockShape, make_plan
 
     shape = BlockShape(params=200 * 2 ** 20 + 64 * 8 * 2 ** 20, largest_linear=(4096, 2048), hidden=2048,
                        intermediate=4096, heads=16, kv_heads=4, head_dim=128, stat_inputs=(2048,) * 2 + (2048, 1024) * 64,
@@ -241,7 +241,7 @@ from streamprune.methods.admm import ADMM
 from streamprune.methods.base import Pruner
 from streamprune.methods.dsnot import DSnoT
 from streamprune.methods.base import Structure
-from streamprune.plan import row_chunk
+from streamprune.planner import row_chunk
 from streamprune.statistics import HessianStats
 
 def status(key):
@@ -351,7 +351,7 @@ def test_time_estimate_counts_the_jobs_work():
     tokens, SparseGPT and ADMM add their Hessians and factorizations, magnitude runs no forward."""
     from streamprune.methods import method_named
     from streamprune.methods.base import Pruner, Structure
-    from streamprune.plan import BlockShape
+    from streamprune.planner import BlockShape
     from streamprune.spec import PruneOptions
     from streamprune.timing import Rates, elementwise_per_token, estimate, forward_flops
 

@@ -8,7 +8,7 @@ import pytest
 
 import streamprune
 from streamprune.errors import StreamPruneError
-from streamprune.report import format_report, report
+from streamprune.reporting import format_report, report
 from test_bad_input import cli
 from tiny import tensors
 

@@ -166,8 +166,8 @@ def test_two_processes(tiny_models, ids_file, tmp_path):
 
 
 def test_eval_report_and_plan_on_the_output(tiny_models, ids_file, tmp_path):
-    from streamprune.evaluate import evaluate
-    from streamprune.report import report
+    from streamprune.evaluation import evaluate
+    from streamprune.reporting import report
 
     out = tmp_path / "out"
     streamprune.prune(tiny_models("llama"), out, calib=str(ids_file), structure="width", sparsity=0.25, **ARGS)
