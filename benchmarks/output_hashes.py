@@ -6,9 +6,11 @@ Used to prove that a refactor changes no output tensor: record the hashes before
     python benchmarks/output_hashes.py --compare benchmarks/results/output_hashes_before.json
 
 The grid: tiny random checkpoints of six families (tests/tiny.py, deterministic) with Wanda unstructured and
-2:4, every method and refinement on Llama, a bf16 checkpoint, bf16 compute, batch 3, disk activations; and the
-real SmolLM2-135M (the demo build) with Wanda, 2:4, SparseGPT, RIA+DSnoT, OWL and magnitude. Calibration ids are
-random (seeded), so nothing outside the repository is needed. Hashes are of tensor bytes (dtype + shape + data),
+2:4, every method and refinement on Llama (ADMM included), OWL, MLP width, a bf16 checkpoint, bf16 compute, batch
+3, disk activations, two ranks (`--nproc 2` through the CLI); an FP8 twin (Wanda, SparseGPT); a tiny Qwen3-MoE
+(per-expert and fused, whole blocks and experts in groups); the streamed evaluation's perplexities of a tiny
+model and of a pruned one; and the real SmolLM2-135M (the demo build) with Wanda, 2:4, SparseGPT, ADMM, RIA+DSnoT,
+OWL, magnitude and width. Calibration ids are random (seeded), so nothing outside the repository is needed. Hashes are of tensor bytes (dtype + shape + data),
 not of files, so a writer that lays out headers differently still compares equal.
 """
 
@@ -51,18 +53,67 @@ def cases():
                  {"method": "sparsegpt"}, {"method": "sparsegpt", "structure": "2:4"},
                  {"method": "wanda", "refine": "dsnot"}, {"method": "ria", "refine": "dsnot", "structure": "4:8"},
                  {"sparsity_profile": "owl", "sparsity": 0.6}, {"batch_size": 3}, {"dtype": "bfloat16"},
-                 {"activations": "disk", "snapshot_every": 1, "overlap": False}):
+                 {"activations": "disk", "snapshot_every": 1, "overlap": False}, {"method": "admm"},
+                 {"method": "admm", "structure": "2:4"}, {"structure": "width", "sparsity": 0.5, "width_multiple": 8},
+                 {"structure": "width", "sparsity": 0.3, "width_multiple": 8, "width_compensation": False},
+                 {"nproc": 2}, {"nproc": 2, "method": "sparsegpt"}):
         tiny.append(("llama", {}, opts))
     tiny.append(("llama", {"dtype": torch.bfloat16}, {}))
     tiny.append(("gemma3", {}, {"method": "sparsegpt", "sparsity_profile": "owl", "sparsity": 0.7, "owl_lambda": 0.1}))
     smol = [{}, {"structure": "2:4"}, {"method": "sparsegpt"}, {"method": "ria", "refine": "dsnot"},
-            {"sparsity_profile": "owl", "sparsity": 0.7}, {"method": "magnitude", "calib": None}]
+            {"sparsity_profile": "owl", "sparsity": 0.7}, {"method": "magnitude", "calib": None},
+            {"method": "admm"}, {"structure": "width", "sparsity": 0.2}]
     return tiny, smol
 
 
 def key(family, model_kw, opts) -> str:
     parts = [family] + [f"model.{k}={v}" for k, v in sorted(model_kw.items())] + [f"{k}={v}" for k, v in sorted(opts.items())]
     return ",".join(str(p).replace("torch.", "") for p in parts)
+
+
+def prune_cli(model, out, opts) -> None:
+    """`streamprune prune` in a child process (the path `--nproc` takes: torchrun ranks)."""
+    import os
+    import subprocess
+
+    args = [sys.executable, "-m", "streamprune", "prune", str(model), str(out), "--overwrite", "--no-progress"]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def extra_cases(tmp: Path, ids: Path, results: dict) -> None:
+    """FP8, Mixture-of-Experts (whole and in groups) and the streamed evaluation's perplexities."""
+    import streamprune
+    from test_moe import make_moe
+    from tiny import make_checkpoint, quantize_fp8
+
+    fp8 = quantize_fp8(make_checkpoint(tmp / "bf16", "llama", dtype=torch.bfloat16, realistic=False), tmp / "fp8")
+    for opts in ({}, {"method": "sparsegpt"}):
+        k = key("llama-fp8", {}, opts)
+        streamprune.prune(fp8, tmp / "out", overwrite=True, calib=str(ids), nsamples=8, seqlen=32, progress=False,
+                          **opts)
+        results[k] = tensor_hashes(tmp / "out")
+        print(f"{k}: {len(results[k])} tensors", flush=True)
+    for fused in (False, True):
+        moe = make_moe(tmp / f"moe{int(fused)}", "qwen3_moe", fused=fused)
+        for opts in ({}, {"expert_group": 3}, {"method": "sparsegpt", "expert_group": 2}):
+            k = key("qwen3_moe", {"fused": fused}, opts)
+            streamprune.prune(moe, tmp / "out", overwrite=True, calib=str(ids), nsamples=8, seqlen=32,
+                              progress=False, expert_min_tokens=1, **opts)
+            results[k] = tensor_hashes(tmp / "out")
+            print(f"{k}: {len(results[k])} tensors", flush=True)
+    ids_eval = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(1))
+    dense = make_checkpoint(tmp / "eval-dense", "llama")
+    streamprune.prune(dense, tmp / "eval-pruned", calib=str(ids), nsamples=8, seqlen=32, progress=False)
+    moe = tmp / "moe0"
+    for name, model, kw in (("llama", dense, {}), ("llama-pruned", tmp / "eval-pruned", {}),
+                            ("llama-batch2", dense, {"batch_size": 2}), ("qwen3_moe", moe, {}),
+                            ("qwen3_moe-groups", moe, {"expert_group": 3})):
+        r = streamprune.evaluate(model, ids=ids_eval, seqlen=32, progress=False, **kw)
+        results[f"eval:{name}"] = {"ppl": r["ppl"].hex(), "nll": r["nll"].hex()}
+        print(f"eval:{name}: ppl {r['ppl']}", flush=True)
 
 
 def run_grid(skip_smollm2: bool = False) -> dict:
@@ -83,9 +134,14 @@ def run_grid(skip_smollm2: bool = False) -> dict:
             kw = dict(calib=str(ids), nsamples=8, seqlen=32, progress=False)
             kw.update(opts)
             out = tmp / "out"
-            streamprune.prune(models[mk], out, overwrite=True, **kw)
+            if "nproc" in kw:
+                kw = {k: v for k, v in kw.items() if k != "progress"}
+                prune_cli(models[mk], out, kw)
+            else:
+                streamprune.prune(models[mk], out, overwrite=True, **kw)
             results[k] = tensor_hashes(out)
             print(f"{k}: {len(results[k])} tensors", flush=True)
+        extra_cases(tmp, ids, results)
         if not skip_smollm2:
             from streamprune.demo import build_smollm2
 

@@ -5,7 +5,8 @@ The Python API is these four functions; the CLI (`streamprune prune|plan|eval|re
 Torch and transformers are imported only when one is called.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - streamprune.__version__
+
 __all__ = ["prune", "plan", "evaluate", "report"]
 
 

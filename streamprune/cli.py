@@ -10,12 +10,8 @@ from pathlib import Path
 
 import click
 
-from . import choices
 from .errors import Interrupted, PeerFailed, StreamPruneError
 from .units import human_bytes, human_count, human_seconds  # no torch at import: `run` turns collection off before the heavy imports
-
-REFINES = click.Choice(list(choices.REFINES))  # no torch in the CLI's import: a bad option is refused at once
-
 
 def _fail(line: str, code: int, kind: str) -> None:
     """Print a failure's one line and exit; a rank started by `prune --nproc` leaves it to the launcher."""
@@ -139,78 +135,49 @@ def _width_lines(w: dict | None, size: dict | None) -> list[str]:
     return lines
 
 
-# the order of `prune --help`: the options every job sets first, then per method and per mode, then the job's own
-PRUNE_OPTIONS = [
-    click.option("--calib", type=click.Path(), help="Calibration text: plain text, or JSONL with \"text\" or \"input_ids\"."),
-    click.option("--calib-dataset", default=None,
-                 help="Calibration text from a dataset (pip install 'streamprune[datasets]'): NAME, NAME:SPLIT or "
-                      "NAME:CONFIG:SPLIT; a save_to_disk directory, data files, or a name in the local datasets cache."),
-    click.option("--calib-column", default=None,
-                 help="--calib-dataset: the text column [default: \"text\", or the only text column]."),
-    click.option("--sparsity", type=float, default=0.5, show_default=True,
-                 help="Fraction of weights to zero (unstructured); with --structure width, of MLP channels to remove."),
-    click.option("--structure", default="unstructured", show_default=True,
-                 help="'unstructured', N:M (e.g. 2:4 or 4:8), or 'width': remove whole MLP channels (a smaller model)."),
-    click.option("--method", default="wanda", show_default=True, metavar="[" + "|".join(choices.METHODS) + "]",
-                 help="wanda; ria (relative importance); sparsegpt (mask + weight update); admm (ADMM weight "
-                      "update with gradual mask selection); magnitude (no calibration)."),
-    click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences."),
-    click.option("--seqlen", type=int, default=None, help="Tokens per sequence [default: min(2048, model context)]."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--dtype", default=None, metavar="[float32|bfloat16|float16]", help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU]."),
-    click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per calibration forward."),
-    click.option("--refine", type=REFINES, default=None, help="Refine the wanda/ria mask with DSnoT."),
-    click.option("--sparsity-profile", default="uniform", show_default=True, metavar="[" + "|".join(choices.PROFILES) + "]",
-                 help="uniform; owl: per-block sparsity from a dense outlier sweep (average = --sparsity); owl-linear: "
-                      "owl, and inside each block per linear from its own outlier share."),
-    click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL: sparsity spread +-lambda."),
-    click.option("--owl-m", type=float, default=5.0, show_default=True, help="OWL: outlier = score > M x mean."),
-    click.option("--admm-iters", type=int, default=20, show_default=True, help="admm: iterations per linear."),
-    click.option("--admm-gradual", type=int, default=15, show_default=True,
-                 help="admm: the first iterations re-choose the mask, sparsity rising on a cubic schedule."),
-    click.option("--admm-rho", type=float, default=1.0, show_default=True,
-                 help="admm: the penalty, in coordinates where every input channel has unit second moment."),
-    click.option("--admm-damp", type=float, default=0.01, show_default=True,
-                 help="admm: damping of the reconstruction toward the dense weight (same units)."),
-    click.option("--width-multiple", type=int, default=256, show_default=True,
-                 help="--structure width: channels kept per block, rounded to a multiple of this (256: every row "
-                      "quantizes in llama.cpp's k-quants; 32: its legacy quants; 64/128: GPU tensor cores)."),
-    click.option("--width-compensation/--no-width-compensation", default=True, show_default=True,
-                 help="--structure width: refit the down projection on the kept channels by least squares."),
-    click.option("--expert-min-tokens", type=int, default=16, show_default=True,
-                 help="Mixture-of-Experts: an expert reached by fewer calibration tokens is pruned with the "
-                      "statistics of all tokens routed to it by force."),
-    click.option("--expert-group", type=int, default=0, show_default=True,
-                 help="Mixture-of-Experts: stream each block's experts through the device this many at a time "
-                      "(0: only when the plan says a whole block does not fit, in the largest groups that do)."),
-    click.option("--activations", default="auto", show_default=True, metavar="[" + "|".join(choices.TIERS) + "]", help="Activation cache: auto, gpu, cpu or disk."),
-    click.option("--gpu-memory-limit", default=None,
-                 help="Cap this process's GPU memory (e.g. 24GB; a bare number is GB) to prove a smaller card."),
-    click.option("--snapshot-every", type=int, default=8, show_default=True,
-                 help="Save the activations every K blocks so a resume needs little recomputation (0: never)."),
-    click.option("--overwrite", is_flag=True, help="Delete the contents of a non-empty OUT first."),
-    click.option("--restart", is_flag=True, help="Discard an existing job in OUT instead of resuming it."),
-    click.option("--no-overlap", "overlap", flag_value=False, default=True, help="Read and write blocks in the foreground."),
-    click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars."),
-    click.option("--nproc", type=int, default=1, show_default=True,
-                 help="Data-parallel processes on this machine (runs torchrun; one GPU each on CUDA)."),
-    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
-]
+def click_param(o) -> click.Option:
+    """The click option of declaration `o` (options.py): its flag, type, default and help, every choice listed."""
+    from .methods import choices_of
+
+    values = choices_of(o)
+    help = o.help + (f" [default: {o.default_text}]" if o.default_text else "")
+    if o.type is bool and o.flag:
+        return click.Option([o.flag, o.name], flag_value=not o.default, default=o.default, help=help)
+    if o.type is bool and o.default:
+        return click.Option([f"{o.cli}/--no-{o.cli[2:]}", o.name], default=True, show_default=True, help=help)
+    if o.type is bool:
+        return click.Option([o.cli, o.name], is_flag=True, default=False, help=help)
+    return click.Option([o.cli, o.name], type=click.Path() if o.path else o.type, default=o.default, help=help,
+                        show_default=o.default is not None and not o.default_text,
+                        metavar="[" + "|".join(values) + "]" if values else None)
 
 
-def _with(options):
-    def deco(fn):
-        for opt in reversed(options):
-            fn = opt(fn)
-        return fn
-    return deco
+class Declared(click.Command):
+    """A command whose job options come from the declarations (options.py) each time it parses or prints its
+    help, after its arguments and before its own options: a method registered after this module was imported
+    brings its options to the CLI too."""
+
+    def __init__(self, *args, declared: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.declared = declared
+
+    def get_params(self, ctx):
+        from .options import for_command
+
+        params = super().get_params(ctx)
+        args = [p for p in params if isinstance(p, click.Argument)]
+        return args + [click_param(o) for o in for_command(self.declared)] + [p for p in params if p not in args]
 
 
-@main.command()
+NPROC = click.option("--nproc", type=int, default=1, show_default=True,
+                     help="Data-parallel processes on this machine (runs torchrun; one GPU each on CUDA).")
+
+
+@main.command(cls=Declared, declared="prune")
 @click.argument("model", type=click.Path())
 @click.argument("out", type=click.Path())
-@_with(PRUNE_OPTIONS)
+@NPROC
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
 def prune(model, out, as_json, nproc, **options):
     """Prune the checkpoint in MODEL into OUT (resumes a matching job already in OUT)."""
@@ -308,25 +275,13 @@ def status(out, as_json):
                + (f", activations saved after block {st['snapshot_after_block']}" if st["snapshot_after_block"] is not None else ""))
 
 
-def _prune_options(*names):
-    """Prune's declarations of the options `names` (plan shares them: one declaration, one meaning)."""
-    picked = [opt for opt in PRUNE_OPTIONS if opt(lambda: None).__click_params__[0].name in names]
-    assert len(picked) == len(names), names
-    return picked
-
-
-PLAN_SHARED = ("sparsity", "structure", "width_multiple", "width_compensation", "method", "admm_iters", "admm_gradual",
-               "admm_rho", "admm_damp", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens",
-               "expert_group", "nsamples", "seqlen", "batch_size", "dtype", "activations", "snapshot_every", "nproc",
-               "as_json")
-
-
-@main.command()
+@main.command(cls=Declared, declared="plan")
 @click.argument("model", type=click.Path())
 @click.option("--gpu-memory-limit", "--gpu-memory", "gpu_memory", default=None,
               help="Plan for a GPU with this much memory (e.g. 24GB; a bare number is GB); omit for CPU.")
 @click.option("--host-memory", default=None, help="Host memory to plan for (e.g. 64GB) [default: available now].")
-@_with(_prune_options(*PLAN_SHARED))
+@NPROC
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_errors
 def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
     """Predict memory and disk use of a prune job (with prune's options) from config.json alone, what fits on
@@ -385,15 +340,11 @@ def plan(model, gpu_memory, host_memory, nproc, as_json, **options):
                    + (f", experts {c['expert_group']} at a time" if c.get("expert_group") else ""))
 
 
-@main.command("eval")
+@main.command("eval", cls=Declared, declared="eval")
 @click.argument("model", type=click.Path())
 @click.option("--text", "text", type=click.Path(), required=True, help="Text file to compute perplexity on.")
 @click.option("--seqlen", type=int, default=None, help="Tokens per window [default: min(2048, model context)].")
 @click.option("--windows", type=int, default=None, help="Use only the first N windows [default: all].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default=None, help="Compute dtype [default: checkpoint dtype on GPU, float32 on CPU].")
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--no-progress", "progress", flag_value=False, default=True, help="No progress bars.")
 @click.option("--expert-group", type=int, default=0, show_default=True,
               help="Mixture-of-Experts: run each block's experts N at a time on the device (0: whole blocks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

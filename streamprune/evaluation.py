@@ -27,10 +27,12 @@ from .calibration import read_text, tokenize
 from .errors import StreamPruneError
 from .memory import MemoryMonitor
 from .progress import bar as progress_bar
-from .model import StreamedModel, block_output, capture, expert_parameters, experts_modules, targets
+from .model import StreamedModel, capture
+from .targets import block_output, expert_parameters, experts_modules, targets
 from .runtime import collect_new_only
 from .shards import Checkpoint
-from .spec import ModelInfo, compute_dtype, parse_dtype, resolve_device, slow_on_cpu
+from .modelinfo import ModelInfo
+from .spec import compute_dtype, parse_dtype, resolve_device, slow_on_cpu
 
 
 def read_token_stream(text_file: str | os.PathLike, model_dir: Path) -> torch.Tensor:
@@ -187,7 +189,7 @@ def evaluate(model_dir: str | os.PathLike, text_file: str | os.PathLike | None =
     ckpt = Checkpoint(info.path)
     compute = compute_dtype(requested, ckpt.dtype, dev)
     if slow_on_cpu(dev, compute):
-        tqdm.write(slow_on_cpu(dev, compute), file=sys.stderr)
+        print(slow_on_cpu(dev, compute), file=sys.stderr)
     with collect_new_only(), MemoryMonitor(device=dev) as mon:
         model = _Evaluator(info.config, ckpt, dev, compute)
         model.check()

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import StreamPruneError
 from .memory import trim
-from .model import expert_count, expert_parameters, experts_modules, set_tensor
+from .targets import expert_count, expert_parameters, experts_modules, set_tensor
 from .statistics import StopForward, map_routing
 
 

@@ -23,14 +23,15 @@ from .io import BlockIO
 from .loop import BlockLoop, Stopped
 from .memory import MemoryMonitor
 from .groups import ExpertSource, check_blocks
-from .model import StreamedModel, expert_parameters, experts_modules, experts_problem
+from .model import StreamedModel, experts_problem
+from .targets import expert_parameters, experts_modules
 from .planner import check_disk, itemsize, plan_job
 from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_inputs
 from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
 from .spec import PruneOptions, PruneSpec, check_ranks, slow_on_cpu
 from .state import BlockRecord, JobDir, damaged, fingerprint, open_job, stored_options, verify_committed
-from .width import llama_cpp_warning, shrink_config, width_facts
+from .width import check_model, llama_cpp_warning, shrink_config, width_facts
 from .writer import copy_side_files, shard_name, write_atomic, write_index, write_shard
 
 BACKGROUND_PHASES = ("read_block", "write")  # on the I/O thread, overlapping other blocks' main-thread phases
@@ -75,6 +76,8 @@ class PruneJob:
         self.ckpt = Checkpoint(spec.model.path)
         self.model = StreamedModel(spec.model.config, self.ckpt, spec.device, spec.dtype, o.attn_implementation)
         self.model.check(spec.structure)
+        if spec.structure.width:
+            check_model(self.model.blocks, self.model.config)  # the width strategy's own shape checks
         self.model.fp8_reencode = o.method if spec.pruner.updates_weights else None
         problem = experts_problem(self.model.blocks, self.model.config.model_type)
         if problem:  # before anything is written: OUT untouched
@@ -102,12 +105,11 @@ class PruneJob:
             self._check_groups()  # before OUT is touched
         with MemoryMonitor(device=spec.device) as mon, (self.jobdir.locked() if rt.dist.main else nullcontext()):
             self.obs.event("locked")  # OUT is this job's; its state may not exist yet
-            fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world)
-            if self.plan.expert_group and spec.pruner.updates_weights and \
-                    itemsize(spec.checkpoint_dtype) < itemsize(spec.dtype):
-                # grouped, such a pruner's experts propagate through their weights as written (groups.py): another
-                # output than whole blocks give, so a job is not resumed across the two
-                fp["options"]["experts_propagate_as_written"] = True
+            # grouped, a pruner that updates weights propagates its experts through their weights as written in a
+            # narrower checkpoint dtype (groups.py): another output than whole blocks give
+            as_written = bool(self.plan.expert_group and spec.pruner.updates_weights and
+                              itemsize(spec.checkpoint_dtype) < itemsize(spec.dtype))
+            fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world, experts_as_written=as_written)
             self.state, resumed = rt.dist.agree(lambda: open_job(
                 self.jobdir, fp, stored_options(spec), self.n_blocks, restart=spec.options.restart,
                 overwrite=spec.options.overwrite, inputs=self.ckpt.identity(), event=self.obs.event))

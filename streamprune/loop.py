@@ -15,7 +15,8 @@ from torch import nn
 from .memory import trim
 from .errors import StreamPruneError
 from .groups import Calls, Replaced, each_group, group_call, refuse_unsupported, sum_outputs
-from .model import all_finite, block_output, expert_count, experts_modules, targets
+from .model import all_finite
+from .targets import block_output, expert_count, experts_modules, targets
 from .routing import find_routers
 from .statistics import BlockStatistics, GroupStatistics, StopForward, _forced_routing
 
@@ -138,7 +139,7 @@ class BlockLoop:
         """Experts the calibration data barely reached (fewer than `expert_min_tokens` routed tokens) take the
         statistics they would have if every token were routed to them, computed by the model's own expert code
         with the routing forced. Returns how many experts did."""
-        from .model import experts_modules
+        from .targets import experts_modules
 
         names = {id(m): n for n, m in experts_modules(block).items()}
         starved = {}

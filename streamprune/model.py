@@ -22,6 +22,8 @@ from .layout import Layout, check_scales, dequantize, fp8_block, mismatches, qua
 from .memory import host_empty, trim
 from .methods import check_prunable
 from .shards import Checkpoint
+from .dtypes import exact_cast
+from .targets import set_tensor, targets
 
 
 LARGE_ELEMENTS = 1 << 28  # 1 GiB of float32: only a parameter is this large (DeepSeek-V3's experts: 7.5B elements)
@@ -115,16 +117,6 @@ def find_blocks(model: nn.Module, config) -> tuple[str, nn.ModuleList]:
         raise StreamPruneError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks found"
                                + (f" (num_hidden_layers {n_layers} blocks)" if n_layers is not None else ""))
     return best[0], best[1]
-
-
-def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    for p in path:
-        module = getattr(module, p)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
 
 
 def checkpoint_names(module: nn.Module) -> list[str]:
@@ -288,62 +280,6 @@ def layout_problem(config, tensors: dict, skeleton: nn.Module) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Target:
-    """A weight the pruner prunes: an nn.Linear's `weight`, or a Mixture-of-Experts parameter holding one matrix
-    per expert ([experts, out, in], or [experts, in, out] when `transposed`)."""
-    name: str                 # local name of the parameter inside the block
-    module: nn.Module
-    attr: str                 # the parameter's attribute on `module`
-    experts: int | None = None
-    transposed: bool = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return getattr(self.module, self.attr)
-
-    def matrix(self, tensor: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """The [out, in] view of expert `expert`'s matrix in `tensor` (the parameter, or a same-shaped mask)."""
-        if expert is None:
-            return tensor
-        m = tensor[expert]
-        return m.t() if self.transposed else m
-
-    @property
-    def label(self) -> str:
-        """How summaries and reports name it: a linear by its module, an experts parameter by itself."""
-        return self.name.removesuffix(".weight") if self.experts is None else self.name
-
-    @property
-    def in_features(self) -> int:
-        w = self.weight
-        return w.shape[-1] if self.experts is None or not self.transposed else w.shape[1]
-
-
-def expert_count(module: nn.Module) -> int:
-    """How many experts an experts module holds: the first dimension of its 3-D parameters."""
-    return next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
-
-
-def expert_parameters(module: nn.Module) -> list[str]:
-    """The parameters of an experts module that hold one slice per expert (its matrices, and biases if any)."""
-    count = expert_count(module)
-    return [a for a, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == count]
-
-
-def experts_modules(block: nn.Module) -> dict[str, nn.Module]:
-    """Modules holding Mixture-of-Experts weights: 3-D parameters sharing their first (expert) dimension. A
-    convolution's 3-D kernel (a state-space layer's conv1d: Jamba, Qwen3.5's linear attention) is not one."""
-    out = {}
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            continue
-        cubes = [p for p in mod.parameters(recurse=False) if p.dim() == 3]
-        if cubes and len({p.shape[0] for p in cubes}) == 1:
-            out[name] = mod
-    return out
-
-
 def experts_problem(blocks, family: str) -> str | None:
     """What makes a Mixture-of-Experts block unprunable, said as what it is: 3-D parameters of one module that
     disagree on the expert count (LongCat-Flash's zero-computation experts: routed indices beyond the experts
@@ -356,42 +292,6 @@ def experts_problem(blocks, family: str) -> str | None:
                 return (f"{family}: block {i} {name}: its expert parameters disagree on the number of experts ({said}): "
                         f"experts beside the computing ones (zero or identity experts) are not supported")
     return None
-
-
-def targets(block: nn.Module) -> list[Target]:
-    """Every weight of the block the pruner prunes, in module order. Not pruned: routers (the linears whose
-    outputs produce the routing, found from the block's own forward by routing.find_routers before a block is
-    pruned) and linears that gate a Mixture-of-Experts block with one score per expert or a single scalar
-    (Qwen2-MoE's shared_expert_gate): routing, not computation."""
-    from .routing import routers_of
-
-    experts = experts_modules(block)
-    gates = set(routers_of(block))
-    for name, mod in experts.items():
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        count = expert_count(mod)
-        for sib_name, sib in block.named_modules():
-            if (isinstance(sib, nn.Linear) and (sib_name.rsplit(".", 1)[0] if "." in sib_name else "") == parent
-                    and sib.out_features in (count, 1)):
-                gates.add(sib_name)
-    out = []
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) and name not in gates:
-            out.append(Target(f"{name}.weight", mod, "weight"))
-        elif name in experts:
-            for attr, p in mod.named_parameters(recurse=False):
-                if p.dim() == 3:
-                    out.append(Target(f"{name}.{attr}" if name else attr, mod, attr, p.shape[0],
-                                      bool(getattr(mod, "is_transposed", False))))
-    return out
-
-
-def exact_cast(stored: torch.dtype, compute: torch.dtype) -> bool:
-    """Does a value of dtype `stored` survive the trip to `compute` and back bit for bit?"""
-    if stored == compute or not stored.is_floating_point:
-        return True
-    wide = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
-    return wide.get(compute, 0) > wide.get(stored, 9)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -537,11 +437,7 @@ class StreamedModel:
                 if p.scale:
                     self._check_scale_tensor(p, got)
                     check_scales(p.scale, self.ckpt.read(p.scale))  # small: a float per tile; read again per block
-        if structure is not None and structure.width:
-            from .width import check_model
-
-            check_model(self.blocks, self.config)
-        elif structure is not None:
+        if structure is not None and not structure.width:  # width's own shape checks: width.check_model
             for block in self.blocks:
                 for t in targets(block):
                     check_prunable(t.in_features, structure)
@@ -776,8 +672,3 @@ class StreamedModel:
             return capture(self.skeleton, self.blocks, batches, self.device)
         finally:
             self.release_outside()
-
-
-def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out

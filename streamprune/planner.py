@@ -53,8 +53,8 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     """The shape of the largest block (DeepSeek-V3's first blocks are dense, the rest Mixture-of-Experts): its
     parameters, its largest matrix (a linear, or one expert's), the widest output of a linear or an expert, and
     the inputs statistics are gathered for (experts: one per expert and matrix)."""
-    from .model import targets
-    from .spec import text_config
+    from .targets import targets
+    from .modelinfo import text_config
 
     block = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
     found = targets(block)
@@ -65,7 +65,7 @@ def block_shape(blocks: nn.ModuleList, config) -> BlockShape:
     heads = getattr(text, "num_attention_heads", 1)
     linears = [t.module for t in found if t.experts is None]
     experts = tuple(t.in_features for t in found if t.experts for _ in range(t.experts))
-    from .model import expert_parameters, experts_modules
+    from .targets import expert_parameters, experts_modules
 
     modules = list(experts_modules(block).values())
     count = next((t.experts for t in found if t.experts), 0)
@@ -362,7 +362,9 @@ def plan_for(model_dir, *, gpu_memory=None, host_memory=None, device: str | None
 
     from .model import StreamedModel, build_skeleton, find_blocks
     from .shards import INDEX_NAME, Checkpoint
-    from .spec import ModelInfo, PruneOptions, check_ranks, compute_dtype, parse_dtype, width_pruner
+    from .modelinfo import ModelInfo
+    from .spec import PruneOptions, check_ranks, compute_dtype, parse_dtype
+    from .width import width_pruner
 
     # the same checks as prune's (a plan needs no calibration file: `calib` stands in for one)
     o = PruneOptions.from_dict(dict(options, calib="-"))
@@ -438,7 +440,7 @@ def _time_estimate(shape, n_blocks, o, seqlen, ranks, pruner, structure, device,
 
     if device.type == "cuda" and not torch.cuda.is_available():
         return {"seconds": None, "reason": "no CUDA device on this machine to measure; run plan where the job runs"}
-    passes = (2 if pruner.needs_data else 0) + bool(profile_named(o.sparsity_profile, o.owl_lambda, o.owl_m).sweeps)
+    passes = (2 if pruner.needs_data else 0) + bool(profile_named(o.sparsity_profile, o).sweeps)
     needs = pruner.needs
     if hessian_inputs is not None:  # structured width: the one Hessian of the consumer's input
         shape = replace(shape, stat_inputs=hessian_inputs[:1])

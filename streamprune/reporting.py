@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from .errors import StreamPruneError
-from .model import StreamedModel, is_zero as _zero, targets
+from .model import StreamedModel, is_zero as _zero
+from .targets import targets
 from .shards import Checkpoint
-from .spec import ModelInfo
+from .modelinfo import ModelInfo
 from .state import JobDir
 
 CHUNK = 1 << 24  # elements compared at a time, so a huge weight never needs a same-sized bool tensor

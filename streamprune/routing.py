@@ -28,7 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-ATTR = "_streamprune_routers"  # set on a block: the local names of its router linears
+from .targets import ROUTERS, block_output, experts_modules
+
 _TAG = "_streamprune_tags"
 
 _PRODUCTS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
@@ -106,13 +107,11 @@ class _Trace(TorchFunctionMode):
 def find_routers(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> frozenset:
     """The local names of `block`'s router linears (see the module docstring), from one forward of the block on
     `hidden` (its weights loaded, or its experts on meta: they are never reached). The block's inputs are tagged
-    ("x", ...): an activation, so a norm's output is not mistaken for a weight. Also stored on the block (ATTR),
-    where `model.targets` reads it."""
-    from .model import block_output, experts_modules
-
+    ("x", ...): an activation, so a norm's output is not mistaken for a weight. Also stored on the block
+    (targets.ROUTERS), where `targets.targets` reads it."""
     experts = experts_modules(block)
     if not experts:
-        setattr(block, ATTR, frozenset())
+        setattr(block, ROUTERS, frozenset())
         return frozenset()
     linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
     trace, seen, handles = _Trace(), set(), []
@@ -147,10 +146,5 @@ def find_routers(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> frozen
             if hasattr(p, _TAG):
                 delattr(p, _TAG)
     found = frozenset(n for n in trace.routers if n in linears)
-    setattr(block, ATTR, found)
+    setattr(block, ROUTERS, found)
     return found
-
-
-def routers_of(block: nn.Module) -> frozenset:
-    """The routers `find_routers` found on this block (none before it ran)."""
-    return getattr(block, ATTR, frozenset())

@@ -6,23 +6,20 @@ line everywhere. Everything in this module is immutable once resolved; nothing h
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .choices import DTYPES, METHODS, PROFILES, REFINES, TIERS, Structure
+from .choices import DTYPES, Structure
 from .errors import StreamPruneError
+from .modelinfo import ModelInfo
 
 if TYPE_CHECKING:  # torch is imported where it is used: PruneOptions.check_values runs before it is loaded
     import torch
 
     from .methods import Pruner
-
-DEFAULT_SEQLEN = 2048
-
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     import torch
@@ -77,110 +74,53 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     return dev
 
 
-def text_config(config):
-    """The language model's part of a config (multimodal wrappers nest it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A model directory (or hub id, see hub.resolve_model) and its config (text part for multimodal wrappers)."""
-    path: Path
-    config: object
-
-    @classmethod
-    def load(cls, path) -> "ModelInfo":
-        from transformers import AutoConfig
-
-        from .hub import resolve_model
-
-        path = resolve_model(path)
-        if not (path / "config.json").is_file():
-            raise StreamPruneError(f"{path}: no config.json (not a Hugging Face model directory)")
-        try:
-            json.loads((path / "config.json").read_text())
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-        except (ValueError, KeyError, OSError) as e:
-            raise StreamPruneError(f"{path}/config.json: cannot be read as a transformers config "
-                                   f"({str(e).splitlines()[0]})") from None
-        return cls(path, config)
-
-    @property
-    def text(self):
-        return text_config(self.config)
-
-    @property
-    def context(self) -> int | None:
-        return getattr(self.text, "max_position_embeddings", None)
-
-    def seqlen(self, requested: int | None) -> int:
-        """The default (min(2048, context)) or the requested length, refused beyond the context."""
-        if requested is None:
-            return min(DEFAULT_SEQLEN, self.context or DEFAULT_SEQLEN)
-        if requested < 2:
-            raise StreamPruneError("--seqlen must be at least 2")
-        if self.context and requested > self.context:
-            raise StreamPruneError(f"--seqlen {requested} is beyond the model's context ({self.context} tokens)")
-        return requested
-
-
-@dataclass(frozen=True)
 class PruneOptions:
-    sparsity: float = 0.5
-    structure: str = "unstructured"
-    method: str = "wanda"
-    calib: str | None = None
-    calib_dataset: str | None = None    # NAME, NAME:SPLIT or NAME:CONFIG:SPLIT (the optional datasets package)
-    calib_column: str | None = None     # --calib-dataset: the text column (default "text", or the only text one)
-    nsamples: int = 128
-    seqlen: int | None = None       # default: min(2048, model context)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None         # default: checkpoint dtype on GPU, float32 on CPU
-    batch_size: int = 1
-    activations: str = "auto"
-    snapshot_every: int = 8
-    overwrite: bool = False
-    restart: bool = False
-    overlap: bool = True
-    progress: bool = True
-    attn_implementation: str = "sdpa"
-    gpu_memory_limit: str | int | None = None
-    refine: str | None = None           # "dsnot": mask refinement after the wanda/ria mask
-    sparsity_profile: str = "uniform"   # "owl": per-block sparsity from a dense outlier sweep
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-    expert_min_tokens: int = 16         # experts reached by fewer calibration tokens use all tokens' statistics
-    expert_group: int = 0               # experts streamed through the device this many at a time (0: as planned)
-    width_multiple: int = 256           # --structure width: channels kept per block, a multiple of this (llama.cpp)
-    width_compensation: bool = True     # --structure width: refit the down projection by least squares
-    admm_iters: int = 20                # --method admm: ADMM iterations per linear
-    admm_gradual: int = 15              # --method admm: the first iterations that re-choose the mask (cubic schedule)
-    admm_rho: float = 1.0               # --method admm: the penalty (in the normalised coordinates, diag H = 1)
-    admm_damp: float = 0.01             # --method admm: damping toward the dense weight (times mean diag H = 1)
+    """A prune job's options: every declared option (options.py, and the registered methods' and profiles' own),
+    each its default unless given. Immutable; `replace` gives a changed copy."""
+    __slots__ = ("_values",)
 
-    # options that change the output bytes; the rest (tier, progress, overlap, snapshots) do not
-    RESULT_KEYS = ("sparsity", "structure", "method", "nsamples", "seqlen", "seed", "dtype", "batch_size",
-                   "attn_implementation", "refine", "sparsity_profile", "owl_lambda", "owl_m", "expert_min_tokens",
-                   "width_multiple", "width_compensation",
-                   "admm_iters", "admm_gradual", "admm_rho", "admm_damp")
+    def __init__(self, **values):
+        from .options import declared
+
+        known = declared()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise StreamPruneError(f"unknown option {unknown[0]!r}")
+        object.__setattr__(self, "_values", {name: values.get(name, o.default) for name, o in known.items()})
 
     @classmethod
     def from_dict(cls, options: dict) -> "PruneOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise StreamPruneError(f"unknown option {unknown[0]!r}")
         return cls(**options)
 
+    def __getattr__(self, name):
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"PruneOptions has no option {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("PruneOptions is immutable: use .replace(...)")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PruneOptions) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self._values.items())))
+
+    def __repr__(self) -> str:
+        return "PruneOptions(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+    def replace(self, **changes) -> "PruneOptions":
+        return PruneOptions(**{**self._values, **changes})
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dict(self._values)
 
     def pruner(self) -> Pruner:
         """The method with its own options, and the refinement if any: what the job runs and the plan counts."""
-        from .methods import REFINES, Pruner, method_named
+        from .methods import Pruner, method_named, refinement_named
 
-        return Pruner(method_named(self.method, self), REFINES[self.refine]() if self.refine else None)
+        return Pruner(method_named(self.method, self), refinement_named(self.refine, self) if self.refine else None)
 
     def check(self) -> None:
         """Every option on its own and in combination; one line for the first problem."""
@@ -191,10 +131,19 @@ class PruneOptions:
         method = method_named(self.method, self)
         if self.refine and not method.refinable:
             raise StreamPruneError(f"--refine {self.refine} refines a wanda or ria mask, not --method {self.method}")
-        profile_named(self.sparsity_profile, self.owl_lambda, self.owl_m).check(self.sparsity, structure, method)
+        profile_named(self.sparsity_profile, self).check(self.sparsity, structure, method)
 
     def check_values(self) -> None:
         """The checks that need neither torch nor the model: the CLI runs them before importing either."""
+        from .methods import METHODS, PROFILES, REFINES
+        from .options import declared
+
+        for name, o in declared().items():
+            value = self._values[name]
+            if o.type in (int, float, bool) and value is not None and not (
+                    isinstance(value, bool) if o.type is bool else
+                    isinstance(value, (int, float) if o.type is float else int) and not isinstance(value, bool)):
+                raise StreamPruneError(f"{o.cli} {value!r}: must be {'a number' if o.type is float else 'an integer' if o.type is int else 'True or False'}")
         if not 0 < self.sparsity < 1:
             hint = f" (a fraction: did you mean {self.sparsity / 100:g}?)" if 1 < self.sparsity < 100 else ""
             raise StreamPruneError(f"--sparsity {self.sparsity:g}: must be strictly between 0 and 1{hint}")
@@ -202,12 +151,13 @@ class PruneOptions:
         if self.method not in METHODS:
             raise StreamPruneError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.refine is not None and self.refine not in REFINES:
-            raise StreamPruneError(f"--refine {self.refine!r}: the only refinement is {', '.join(REFINES)}")
+            raise StreamPruneError(f"--refine {self.refine!r}: choose {' or '.join(REFINES)}")
         if self.sparsity_profile not in PROFILES:
             raise StreamPruneError(f"--sparsity-profile {self.sparsity_profile!r}: choose {' or '.join(PROFILES)}")
         check_dtype_name(self.dtype)
-        if self.activations not in TIERS:
-            raise StreamPruneError(f"--activations {self.activations!r}: choose one of {', '.join(TIERS)}")
+        for o in declared().values():
+            if o.choices and o.name != "dtype" and self._values[o.name] not in o.choices:  # dtype: aliases too
+                raise StreamPruneError(f"{o.cli} {self._values[o.name]!r}: choose one of {', '.join(o.choices)}")
         for name in ("nsamples", "batch_size"):
             if getattr(self, name) < 1:
                 raise StreamPruneError(f"--{name.replace('_', '-')} must be at least 1")
@@ -302,35 +252,14 @@ class PruneSpec:
         seqlen = info.seqlen(options.seqlen)
         dtype = compute_dtype(parse_dtype(options.dtype), ckpt_dtype, device)
         if structure.width:
+            from .width import width_pruner
+
             pruner = width_pruner(info, options, dtype, ckpt_dtype)
-        return cls(model=info, out=out, options=replace(options, seqlen=seqlen), device=device,
+        return cls(model=info, out=out, options=options.replace(seqlen=seqlen), device=device,
                    dtype=dtype, checkpoint_dtype=ckpt_dtype,
                    structure=structure, pruner=pruner,
-                   profile=profile_named(options.sparsity_profile, options.owl_lambda, options.owl_m),
+                   profile=profile_named(options.sparsity_profile, options),
                    gpu_limit=parse_size(options.gpu_memory_limit, "--gpu-memory-limit"))
-
-
-def width_pruner(info: ModelInfo, options: PruneOptions, dtype: torch.dtype, ckpt_dtype: torch.dtype):
-    """`--structure width`: the channel count every block keeps, from the config (shapes are checked against the
-    model's modules later, in StreamedModel.check)."""
-    from .layout import fp8_block
-    from .model import exact_cast
-    from .width import WidthPruner, kept_channels
-
-    if fp8_block(info.config):
-        raise StreamPruneError("--structure width on an FP8 checkpoint is not built (its scale tiles would no longer "
-                               "line up with the remaining channels)")
-    if not exact_cast(ckpt_dtype, dtype):
-        raise StreamPruneError(f"--structure width writes the kept weights from the compute dtype: --dtype "
-                               f"{str(dtype)[6:]} cannot hold the {str(ckpt_dtype)[6:]} checkpoint exactly; use "
-                               f"--dtype float32")
-    intermediate = getattr(info.text, "intermediate_size", None)
-    if not isinstance(intermediate, int):
-        raise StreamPruneError(f"--structure width needs one integer intermediate_size in the config (found "
-                               f"{intermediate!r})")
-    keep = kept_channels(intermediate, options.sparsity, options.width_multiple)
-    return WidthPruner(intermediate, keep, needs_data=options.method != "magnitude",
-                       compensate=options.width_compensation)
 
 
 def local_dataset(options: PruneOptions) -> str | None:

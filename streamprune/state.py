@@ -301,17 +301,22 @@ def file_identity(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def fingerprint(spec, ckpt, windows, ranks: int) -> dict:
-    """Everything that determines the output: a job in OUT with another fingerprint is not this job."""
+def fingerprint(spec, ckpt, windows, ranks: int, experts_as_written: bool = False) -> dict:
+    """Everything that determines the output: a job in OUT with another fingerprint is not this job. The options
+    are those declared to change the output (options.output_keys); `experts_as_written`: experts streamed in
+    groups propagate through their weights as written (job.py), so a job is not resumed across the two."""
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
+    from .options import output_keys
 
     o = spec.options
-    options = {k: getattr(o, k) for k in o.RESULT_KEYS}
+    options = {k: getattr(o, k) for k in output_keys()}
     options.update(dtype=str(spec.dtype).replace("torch.", ""), structure=str(spec.structure),
                    device_type=spec.device.type, ranks=ranks)
+    if experts_as_written:
+        options["experts_propagate_as_written"] = True
     if o.calib_dataset and windows is not None:  # recorded only when used: other jobs' fingerprints stay as they were
         from .calibration import canonical_dataset
 

@@ -244,7 +244,7 @@ class BlockStatistics(_Gathered):
         """`needs`: the statistics every target needs, or a function of the target (structured width needs a
         Hessian of the down projection's input only). `only`: a predicate choosing the targets to watch (expert
         groups gather the experts' statistics elsewhere, groups.py)."""
-        from .model import experts_modules, targets
+        from .targets import experts_modules, targets
 
         self.targets = [t for t in targets(block) if only is None or only(t)]
         self.stats: dict = {}

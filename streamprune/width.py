@@ -33,7 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .dtypes import exact_cast
 from .errors import StreamPruneError
+from .layout import fp8_block
+from .modelinfo import text_config
 
 PROBE_TOKENS = 16
 PROBE_TOLERANCE = 1e-2   # relative L2 difference; a wrong channel correspondence gives about 1
@@ -117,8 +120,7 @@ def find_mlp(block: nn.Module, intermediate: int) -> MLP:
 
 def check_model(blocks, config) -> int:
     """The intermediate size every block's MLP has (refusing what width pruning cannot shrink to a stock config)."""
-    from .model import experts_modules
-    from .spec import text_config
+    from .targets import experts_modules
 
     intermediate = getattr(text_config(config), "intermediate_size", None)
     if not isinstance(intermediate, int):
@@ -249,3 +251,22 @@ def shrink_config(path: Path, intermediate: int, keep: int) -> bytes:
         raise StreamPruneError(f"{path}: no intermediate_size {intermediate} to update")
     text["intermediate_size"] = keep
     return (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
+
+
+def width_pruner(info, options, dtype: torch.dtype, ckpt_dtype: torch.dtype) -> "WidthPruner":
+    """`--structure width`: the channel count every block keeps, from the config (shapes are checked against the
+    model's modules later, in check_model): every refusal of the width strategy before any work."""
+    if fp8_block(info.config):
+        raise StreamPruneError("--structure width on an FP8 checkpoint is not built (its scale tiles would no longer "
+                               "line up with the remaining channels)")
+    if not exact_cast(ckpt_dtype, dtype):
+        raise StreamPruneError(f"--structure width writes the kept weights from the compute dtype: --dtype "
+                               f"{str(dtype)[6:]} cannot hold the {str(ckpt_dtype)[6:]} checkpoint exactly; use "
+                               f"--dtype float32")
+    intermediate = getattr(info.text, "intermediate_size", None)
+    if not isinstance(intermediate, int):
+        raise StreamPruneError(f"--structure width needs one integer intermediate_size in the config (found "
+                               f"{intermediate!r})")
+    keep = kept_channels(intermediate, options.sparsity, options.width_multiple)
+    return WidthPruner(intermediate, keep, needs_data=options.method != "magnitude",
+                       compensate=options.width_compensation)

@@ -387,17 +387,17 @@ def test_file_size_limit_mid_job_is_one_line_and_resumes(model, ids_file, tmp_pa
     assert published[0] == published[1]
 
 
-def test_the_names_checked_without_torch_are_the_registries():
-    """choices.py names the methods, refinements, profiles and dtypes for the checks made before torch is loaded;
-    they are the registries' own."""
+def test_the_dtype_names_checked_without_torch_are_torch_dtypes():
+    """choices.py names the dtypes for the checks made before torch is loaded; each is a torch dtype, and the
+    declaration's choices are among them."""
     import torch
 
     from streamprune import choices
-    from streamprune.methods import METHODS, PROFILES, REFINES
+    from streamprune.options import declared
     from streamprune.spec import parse_dtype
 
-    assert (tuple(METHODS), tuple(REFINES), tuple(PROFILES)) == (choices.METHODS, choices.REFINES, choices.PROFILES)
     assert {parse_dtype(name) for name in choices.DTYPES} == {torch.float32, torch.bfloat16, torch.float16}
+    assert set(declared()["dtype"].choices) <= set(choices.DTYPES)
 
 
 def test_python_api_is_four_functions():

@@ -41,7 +41,7 @@ def test_skeleton_buffers_equal_transformers(family, dtype, tiny_models):
     from_pretrained(dtype=...) computes, whatever dtype the checkpoint was saved in."""
     from streamprune.model import StreamedModel
     from streamprune.shards import Checkpoint
-    from streamprune.spec import ModelInfo
+    from streamprune.modelinfo import ModelInfo
 
     path = tiny_models(family, dtype=torch.bfloat16)
     model = StreamedModel(ModelInfo.load(path).config, Checkpoint(path), "cpu", dtype)

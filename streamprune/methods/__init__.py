@@ -1,6 +1,8 @@
 """Pruning methods behind one small protocol (base.py), and the registry the options name them from.
 
-Adding a method: a `Method` subclass in a file of its own, and one line in METHODS.
+Adding a method: a `Method` subclass in a file of its own (its name, the statistics it `needs`, its own
+`options`), and one line in METHODS, or `register(MyMethod)` from outside the package. Nothing here imports
+torch: the CLI reads the names and the options before it is loaded.
 """
 
 from __future__ import annotations
@@ -20,19 +22,54 @@ REFINES = {r.name: r for r in (DSnoT,)}
 PROFILES = {p.name: p for p in (Uniform, OWL, OWLLinear)}
 
 
+def register(cls) -> type:
+    """Add a Method, Refinement or Profile subclass to its registry (by its `name`): prune, plan and the CLI offer
+    it, with its own options, from then on (a CLI built before keeps the options it was built with)."""
+    registry = METHODS if issubclass(cls, Method) else REFINES if issubclass(cls, Refinement) else PROFILES
+    if not cls.name or (cls.name in registry and registry[cls.name] is not cls):
+        raise StreamPruneError(f"cannot register {cls.__name__}: its name {cls.name!r} is empty or taken")
+    registry[cls.name] = cls
+    return cls
+
+
+def declared_options() -> tuple:
+    """The options every registered method, refinement and profile declares (each once, in registry order)."""
+    seen = {}
+    for cls in (*METHODS.values(), *REFINES.values(), *PROFILES.values()):
+        for o in cls.options:
+            seen.setdefault(o.name, o)
+    return tuple(seen.values())
+
+
+def choices_of(option) -> tuple:
+    """The values an option takes: the registry's names for --method, --refine and --sparsity-profile."""
+    return {"method": tuple(METHODS), "refine": tuple(REFINES), "sparsity_profile": tuple(PROFILES)}.get(
+        option.name, option.choices)
+
+
+def _params(cls, options) -> dict:
+    """`cls`'s own options from `options` (a PruneOptions), as its constructor's keywords."""
+    if options is None:
+        return {}
+    return {o.param or o.name.split("_", 1)[1]: getattr(options, o.name) for o in cls.options}
+
+
 def method_named(name: str, options=None) -> Method:
-    """The method called `name`, with its own options from `options` (a PruneOptions): the fields named
-    `<name>_<parameter>` (admm_iters -> ADMM(iters=...))."""
+    """The method called `name`, built with its own declared options from `options` (a PruneOptions)."""
     if name not in METHODS:
         raise StreamPruneError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
-    prefix = name + "_"
-    params = {k[len(prefix):]: v for k, v in vars(options).items() if k.startswith(prefix)} if options else {}
-    return METHODS[name](**params)
+    return METHODS[name](**_params(METHODS[name], options))
 
 
-def profile_named(name: str, owl_lambda: float = 0.08, owl_m: float = 5.0) -> Profile:
-    return PROFILES[name](owl_lambda, owl_m) if issubclass(PROFILES[name], OWL) else PROFILES[name]()
+def refinement_named(name: str, options=None) -> Refinement:
+    return REFINES[name](**_params(REFINES[name], options))
+
+
+def profile_named(name: str, options=None) -> Profile:
+    """The sparsity profile called `name`, built with its own declared options from `options` (a PruneOptions)."""
+    return PROFILES[name](**_params(PROFILES[name], options))
 
 
 __all__ = ["ADMM", "METHODS", "REFINES", "PROFILES", "Method", "Refinement", "Profile", "Pruner", "Pruned", "Structure",
-           "check_prunable", "select", "method_named", "profile_named"]
+           "check_prunable", "select", "method_named", "profile_named", "refinement_named", "register",
+           "declared_options", "choices_of"]

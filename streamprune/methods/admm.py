@@ -27,11 +27,15 @@ as SparseGPT; measured within 1% of SparseGPT's peak RSS (benchmarks/method_memo
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import StreamPruneError
+from ..choices import PLAN, PRUNE, Option
 from .sparsegpt import FACTORIZATION
-from .base import BYTES_PER_METRIC_ELEMENT, Method, Pruned, Structure, Work, check_prunable, row_chunks, select
+from .base import BYTES_PER_METRIC_ELEMENT, Method, Pruned, Structure, Work, check_prunable, row_chunks, no_grad, select
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI reads the registry without it
+    import torch
 
 
 # bytes per element of a row chunk at ADMM's peak (W0, V, U, Z as float32, 16, plus the selection's 15 while
@@ -48,6 +52,12 @@ class ADMM(Method):
     name = "admm"
     needs = frozenset({"hessian"})
     updates_weights = True
+    options = tuple(Option(f"admm_{name}", default, help, type(default), output=True, group="admm",
+                           commands=(PRUNE, PLAN)) for name, default, help in (
+        ("iters", 20, "admm: iterations per linear."),
+        ("gradual", 15, "admm: the first iterations re-choose the mask, sparsity rising on a cubic schedule."),
+        ("rho", 1.0, "admm: the penalty, in coordinates where every input channel has unit second moment."),
+        ("damp", 0.01, "admm: damping of the reconstruction toward the dense weight (same units).")))
 
     def __init__(self, iters: int = 20, gradual: int = 15, rho: float = 1.0, damp: float = 0.01):
         check_admm(iters, gradual, rho, damp)
@@ -113,12 +123,13 @@ def admm_mask(v: torch.Tensor, sparsity: float, structure: Structure) -> torch.T
     return select(a.masked_fill(~candidates, float("inf")), sparsity, Structure())
 
 
-@torch.no_grad()
+@no_grad
 def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure: Structure, *, iters: int = 20,
                gradual: int = 15, rho: float = 1.0, damp: float = 0.01, row_chunk: int = 0,
                overwrite_H: bool = False):
     """ADMM-Grad on one matrix (module docstring); returns `(new_weight, mask)`, new_weight in weight.dtype and
     +0 wherever the mask is set."""
+    import torch
     out, inp = weight.shape
     check_prunable(inp, structure)
     check_admm(iters, gradual, rho, damp)

@@ -12,18 +12,32 @@ Statistics names (what `needs` may hold) are the attributes of `statistics.Linea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..choices import Structure  # noqa: F401 - defined without torch, for the CLI
 from ..errors import StreamPruneError
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI reads the registry without it
+    import torch
 
 # the selection of one row chunk (`select`): the float32 metric, topk's values and int64 indices for up to a whole
 # row, one comparison; measured 14.2 bytes per element at 50% on a 4096 x 11008 matrix (mask included), rounded
 # up (17 before overstated a 1536 x 6144 prune's peak by 15%: tests/test_plan.py)
 BYTES_PER_METRIC_ELEMENT = 15
+
+
+def no_grad(fn):
+    """torch.no_grad() as a decorator that imports torch when called: the methods import without torch, so the CLI
+    reads their names and options (and refuses a bad one) before torch is loaded."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def check_prunable(in_features: int, structure: Structure) -> None:
@@ -45,6 +59,7 @@ def select(metric: torch.Tensor, sparsity: float, structure: Structure) -> torch
     Unstructured selection finds each row's k-th smallest value with an unsorted topk and keeps every entry
     below it; only rows where entries equal to that value are more than needed take them in index order. Same
     set as the stable sort (tested), about 3x faster on a CPU."""
+    import torch
     rows, inp = metric.shape
     if structure.is_nm:
         mask = torch.zeros_like(metric, dtype=torch.bool)
@@ -70,6 +85,7 @@ def select(metric: torch.Tensor, sparsity: float, structure: Structure) -> torch
 def scaled_abs_mask(weight: torch.Tensor, column_scale: torch.Tensor | None, sparsity: float,
                     structure: Structure, row_chunk: int = 0) -> torch.Tensor:
     """`select` on |W| (times a per-input-column scale), computed in float32 one row chunk at a time."""
+    import torch
     out, inp = weight.shape
     check_prunable(inp, structure)
     mask = torch.zeros(out, inp, dtype=torch.bool, device=weight.device)
@@ -108,6 +124,7 @@ class Method:
     needs: frozenset = frozenset({"sq_norm"})
     refinable = False        # a Refinement may change its mask
     updates_weights = False  # returns a new weight, not only a mask
+    options: tuple = ()      # its own options (options.Option), passed to its constructor by their `param`
 
     @property
     def needs_data(self) -> bool:
@@ -130,6 +147,7 @@ class Refinement:
     """Changes a method's mask, keeping every row's (or N:M group's) count of zeros."""
     name = ""
     needs: frozenset = frozenset()
+    options: tuple = ()
 
     def workspace_bytes(self, out: int, inp: int, itemsize: int, row_chunk: int) -> int:
         """Peak transient bytes of refining one [out, inp] mask (after the method's workspace is freed)."""
@@ -152,6 +170,7 @@ class Profile:
     needs: frozenset = frozenset()
     within_needs: frozenset = frozenset()
     sweeps = False
+    options: tuple = ()
 
     def within(self, target: float, linears: list, row_chunk: int) -> list[float] | None:
         """Each of [(weight, LinearStats)]'s sparsity inside a block pruned to `target`; None: all `target`."""

@@ -17,10 +17,13 @@ max_cycles. Units: the reference's mu is `sum_metric_row` (= sum_mean, L times t
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import StreamPruneError
-from .base import BYTES_PER_METRIC_ELEMENT, Refinement, Structure, Work, check_prunable, row_chunks
+from .base import BYTES_PER_METRIC_ELEMENT, Refinement, Structure, Work, check_prunable, row_chunks, no_grad
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI reads the registry without it
+    import torch
 
 
 # bytes per element of a row chunk while refining (W and D, the Wanda score and the regrow key in float32, four
@@ -52,12 +55,13 @@ class DSnoT(Refinement):
                             structure=structure, row_chunk=self._chunk(row_chunk))
 
 
-@torch.no_grad()
+@no_grad
 def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, act_mean: torch.Tensor, act_var: torch.Tensor,
                  act_sq_mean: torch.Tensor, max_cycles: int = 50, update_threshold: float = 0.1,
                  pow_of_var_regrowing: float = 1.0, structure: Structure = Structure(),
                  row_chunk: int = 0) -> torch.Tensor:
     """The refined mask (True = zeroed); every row keeps its count of zeros (see the module docstring)."""
+    import torch
     out, inp = weight.shape
     if mask.shape != weight.shape:
         raise StreamPruneError(f"dsnot_refine: mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
@@ -76,6 +80,7 @@ def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, act_mean: torch.Tenso
 
 def _ordered(selected: torch.Tensor, key: torch.Tensor, descending: bool):
     """Per row: the selected columns ordered by key (stable), and how many there are."""
+    import torch
     fill = float("-inf") if descending else float("inf")
     order = torch.sort(torch.where(selected, key, torch.full_like(key, fill)), dim=1, descending=descending,
                        stable=True)[1]
@@ -83,6 +88,7 @@ def _ordered(selected: torch.Tensor, key: torch.Tensor, descending: bool):
 
 
 def _dsnot_rows(w, pruned0, mu, root, varp, max_cycles, thr, structure):
+    import torch
     rows, cols = w.shape
     d = w * mu
     wanda = w.abs() * root

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import Method, Pruned, check_prunable, scaled_abs_mask
 
 
@@ -13,6 +11,7 @@ class Magnitude(Method):
     needs = frozenset()
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
+        import torch
         if structure.is_nm:
             return Pruned(scaled_abs_mask(weight, None, sparsity, structure, row_chunk))
         check_prunable(weight.shape[1], structure)

@@ -8,18 +8,24 @@ lib/prune_all.py) concatenates them. The allocation is the official `prune_wanda
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import StreamPruneError
-from .base import Profile, row_chunks
+from ..choices import PLAN, PRUNE, Option
+from .base import Profile, row_chunks, no_grad
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI reads the registry without it
+    import torch
 
 
 class OWL(Profile):
     name = "owl"
     needs = frozenset({"sq_norm"})
     sweeps = True
+    options = (Option("owl_lambda", 0.08, "owl: sparsity spread +-lambda.", float, output=True, group="owl",
+                      commands=(PRUNE, PLAN), param="lam"),
+               Option("owl_m", 5.0, "owl: outlier = score > M x mean.", float, output=True, group="owl",
+                      commands=(PRUNE, PLAN), param="hyper_m"))
 
     def __init__(self, lam: float = 0.08, hyper_m: float = 5.0):
         self.lam, self.hyper_m = lam, hyper_m
@@ -68,17 +74,19 @@ def spread_weighted(ratios: Sequence[float], sizes: Sequence[int], target: float
 
 
 def _wanda_chunks(weight: torch.Tensor, s: torch.Tensor, row_chunk: int):
+    import torch
     root = torch.sqrt(s.float().reshape(1, -1))
     for rows in row_chunks(weight.shape[0], row_chunk):
         yield weight[rows].float().abs() * root
 
 
-@torch.no_grad()
+@no_grad
 def owl_outlier_ratio(pairs, hyper_m: float = 5.0, row_chunk: int = 0) -> float:
     """Share in [0, 1] of one block's Wanda scores (from [(weight, s)] of its linears) above hyper_m * their mean.
 
     Sums are accumulated in float64 (chunk-invariant); two passes over the metric, never materialised whole.
     The official value is in percent; that factor cancels in `owl_sparsities`."""
+    import torch
     sums, size = [], 0
     for weight, s in pairs:
         total = torch.zeros((), dtype=torch.float64)

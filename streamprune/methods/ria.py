@@ -9,15 +9,19 @@ Column sums are taken once over all rows, in fixed chunks, so the score never de
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import Method, Pruned, check_prunable, row_chunks, select
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI reads the registry without it
+    import torch
 
 SUM_CHUNK = 1024  # fixed row chunk for the column sums
 
 
 def column_abs_sum(weight: torch.Tensor) -> torch.Tensor:
     """sum_i |W_ij| per input column j, float32, the same for every caller row_chunk."""
+    import torch
     out, inp = weight.shape
     acc = torch.zeros(inp, dtype=torch.float64, device=weight.device)
     for rows in row_chunks(out, SUM_CHUNK):
@@ -26,6 +30,7 @@ def column_abs_sum(weight: torch.Tensor) -> torch.Tensor:
 
 
 def ria_rows(w: torch.Tensor, col_sum: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    import torch
     a = w.float().abs()
     row_sum = a.sum(1, keepdim=True)
     row_sum = torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
@@ -45,6 +50,7 @@ class RIA(Method):
         return min(out, row_chunk or out) * inp * BYTES_PER_ELEMENT + out * inp
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:
+        import torch
         out, inp = weight.shape
         check_prunable(inp, structure)
         col_sum = column_abs_sum(weight)

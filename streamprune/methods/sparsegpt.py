@@ -4,10 +4,13 @@ input (statistics.HessianStats). Memory: in^2 float32 per linear while it is pru
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import StreamPruneError
-from .base import Method, Pruned, Structure, Work, check_prunable
+from .base import Method, Pruned, Structure, Work, check_prunable, no_grad
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI reads the registry without it
+    import torch
 
 
 FACTORIZATION = 2.25  # in x in float32 matrices live at once while H is factorized and inverted (measured)
@@ -43,7 +46,7 @@ class SparseGPT(Method):
         return Pruned(mask, new)
 
 
-@torch.no_grad()
+@no_grad
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, structure: Structure,
                     blocksize: int = 128, percdamp: float = 0.01, overwrite_H: bool = False):
     """SparseGPT mask selection with OBS weight reconstruction; returns `(new_weight, mask)`.
@@ -62,6 +65,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, stru
     returned in weight.dtype, zero at every masked entry and on dead columns. Peak memory: W in float32,
     a working copy of H plus one Cholesky factor (skip the copy with overwrite_H=True, which destroys H).
     """
+    import torch
     out, inp = weight.shape
     check_prunable(inp, structure)
     if H.shape != (inp, inp):
