@@ -89,10 +89,8 @@ def test_cli_plan_counts_the_refinement_as_prune_does(tmp_path):
     assert json.loads(res.stdout)["plan"]["workspace_bytes"] == planned[True] > planned[False]
     res = CliRunner().invoke(main, ["plan", str(model), "--method", "sparsegpt", "--refine", "dsnot"])
     assert res.exit_code == 2 and "refines a wanda or ria mask" in res.output
-    from streamprune.cli import REFINES as CLI_REFINES
-    from streamprune.methods import REFINES
-
-    assert set(CLI_REFINES.choices) == set(REFINES)  # the CLI names them without importing torch
+    res = CliRunner().invoke(main, ["plan", str(model), "--method", "ria", "--refine", "nope"])
+    assert res.exit_code == 2 and "--refine 'nope': choose dsnot" in res.output  # the registry's names
 
 
 def prune_json(model, out, calib, env=None):
