@@ -255,13 +255,10 @@ def resume(out, as_json, progress):
 def status(out, as_json):
     """Progress of the job in OUT: blocks done, sparsity so far, time spent and left. Exit 2 if a file it
     recorded is missing or altered (checked by sha256 where a file's size, times or inode changed)."""
-    from .shards import INDEX_NAME
-    from .state import JobDir, damaged
+    from .state import JobDir
 
     state = _job_state(out, running_ok=True)
-    bad = damaged(JobDir(Path(out)), state)
-    if state.complete and not bad and not (Path(out) / INDEX_NAME).is_file():
-        bad = [INDEX_NAME]
+    bad = JobDir(Path(out)).problems(state)
     if bad:
         raise StreamPruneError(f"{out}: {bad[0]} is missing or altered" + (f" (and {len(bad) - 1} more)" if len(bad) > 1
                                else "") + f"; run `streamprune resume {out}` to redo it")

@@ -30,7 +30,7 @@ from .resume import block_inputs, keep_inputs_on_stop, snapshot_after, verify_in
 from .runtime import Fault, Observer, ProcessEnv, Runtime
 from .shards import INDEX_NAME, Checkpoint
 from .spec import PruneOptions, PruneSpec, check_ranks, slow_on_cpu
-from .state import BlockRecord, JobDir, damaged, fingerprint, open_job, stored_options, verify_committed
+from .state import BlockRecord, JobDir, fingerprint, stored_options
 from .width import check_model, llama_cpp_warning, shrink_config, width_facts
 from .writer import copy_side_files, shard_name, write_atomic, write_index, write_shard
 
@@ -110,8 +110,8 @@ class PruneJob:
             as_written = bool(self.plan.expert_group and spec.pruner.updates_weights and
                               itemsize(spec.checkpoint_dtype) < itemsize(spec.dtype))
             fp = fingerprint(spec, self.ckpt, self.windows, rt.dist.world, experts_as_written=as_written)
-            self.state, resumed = rt.dist.agree(lambda: open_job(
-                self.jobdir, fp, stored_options(spec), self.n_blocks, restart=spec.options.restart,
+            self.state, resumed = rt.dist.agree(lambda: self.jobdir.open(
+                fp, stored_options(spec), self.n_blocks, restart=spec.options.restart,
                 overwrite=spec.options.overwrite, inputs=self.ckpt.identity(), event=self.obs.event))
             if self.state.complete and rt.dist.agree(self._intact):
                 self.obs.log(f"{spec.out}: job already complete; nothing to do")
@@ -179,7 +179,8 @@ class PruneJob:
                 count_written(result, self.rt.dist.agree(lambda: model.written_zeros(i, tensors)))
             del kept, result.masks
             model.release_block(i)
-            snapshot = snapshot_after(self, i, acts)
+            snapshot = snapshot_after(i, acts, self.spec.options.snapshot_every, n, self.jobdir, self.rt.dist,
+                                      self.obs)
             phases = {k: round(v - before.get(k, 0.0), 4) for k, v in self.obs.seconds.items()
                       if v - before.get(k, 0.0) > 0 and k not in BACKGROUND_PHASES}
             record = BlockRecord(self.block_files[i], result.sparsity, result.target, result.linears,
@@ -194,7 +195,7 @@ class PruneJob:
         bar.close()
         io.flush()
         if self.rt.stop_requested():  # unconditionally: a collective on every rank
-            keep_inputs_on_stop(self, acts)
+            keep_inputs_on_stop(acts, self.state, n, self.jobdir, self.rt.dist, self.obs)
             raise self.rt.interrupted(f"stopped with {self.state.committed} of {n} blocks committed", self.spec.out)
 
     # ------------------------------------------------------------------ the steps
@@ -224,11 +225,11 @@ class PruneJob:
     def _intact(self) -> bool:
         """A complete job is done only if its index and every recorded file are still there as written. If not,
         the index goes first (an OUT with an index is complete), and the job continues like a resume."""
-        bad = damaged(self.jobdir, self.state)
-        if not bad and (self.spec.out / INDEX_NAME).is_file():
+        bad = self.jobdir.problems(self.state)
+        if not bad:
             return True
-        self.obs.log(f"{self.spec.out}: the job was complete, but " + (f"{bad[0]} is missing or altered" if bad else
-                     "its index is missing") + "; redoing what is needed")
+        self.obs.log(f"{self.spec.out}: the job was complete, but " + (f"{bad[0]} is missing or altered" if
+                     bad[0] != INDEX_NAME else "its index is missing") + "; redoing what is needed")
         (self.spec.out / INDEX_NAME).unlink(missing_ok=True)
         self.state.complete = False
         self.jobdir.save(self.state)
@@ -237,8 +238,8 @@ class PruneJob:
     def _verify(self) -> int:
         """Resume: the same input weights as before (resume.verify_inputs), and the committed files intact."""
         def check():
-            verify_inputs(self, self.copies)
-            return verify_committed(self.jobdir, self.state, list(self.copies), self.obs.log), self.state
+            verify_inputs(self.state, self.ckpt, self.model, self.copies, self.obs.log)
+            return self.jobdir.verify(self.state, list(self.copies), self.obs.log), self.state
         start, self.state = self.rt.dist.agree(check)
         self.obs.log(f"resume: {start} of {self.n_blocks} blocks already committed")
         return start
@@ -291,7 +292,7 @@ class PruneJob:
             t = time.perf_counter()
             acts = self._new_activations()
             try:
-                block_inputs(self, 0, acts)
+                self._block_inputs(0, acts)
                 scores = self.loop.sweep(self.model, acts, profile)
             except Stopped:
                 raise self.rt.interrupted(f"stopped during the {profile.name} sweep (it restarts on resume)",
@@ -322,7 +323,7 @@ class PruneJob:
             return None
         acts = self._new_activations()
         try:
-            block_inputs(self, start, acts)
+            self._block_inputs(start, acts)
         except BaseException as e:
             acts.close()
             if isinstance(e, Stopped):
@@ -340,7 +341,20 @@ class PruneJob:
             self._probed = (captured.inputs[0], captured.kwargs[1])
         return self._probed
 
-    def capture(self, batches, only_kwargs: bool):
+    def _block_inputs(self, start: int, acts) -> None:
+        """Block `start`'s inputs into `acts`: resume.block_inputs decides between a snapshot and a replay."""
+        block_inputs(start, acts, self.state, self.jobdir, self.rt.dist, self._capture, self._replay, self.obs.log)
+
+    def _replay(self, first: int, stop: int, acts) -> None:
+        """The forward through committed blocks first..stop-1 as written in OUT (a resume's inputs)."""
+        done = Checkpoint(self.spec.out, [self.state.blocks[i].file for i in range(first, stop)])
+        for i in range(first, stop):
+            block, _ = self.model.load_block(i, {name: done.read(name) for name in self.model.block_names(i)})
+            self.loop.forward_all(block, i, acts, "recompute")
+            self.model.release_block(i)
+            acts.swap()
+
+    def _capture(self, batches, only_kwargs: bool):
         """Block-0 inputs (and every block's call arguments) from the model's own forward."""
         with self.obs.phase("capture", self.spec.device):
             windows = [self.windows[j0:j1] for j0, j1 in batches]

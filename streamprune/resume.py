@@ -23,20 +23,20 @@ from .writer import publish, temporary
 SNAPSHOT_READ_BPS = 500e6  # a conservative sequential read speed for choosing snapshot vs replay
 
 
-def verify_inputs(job, copy_groups: dict) -> None:
+def verify_inputs(state, ckpt: Checkpoint, model, copy_groups: dict, log) -> None:
     """The committed blocks were computed from the input as it was; resuming on changed weights would mix two
     revisions. When the input shards' identities (size, mtime, inode, ctime) moved since the job last looked,
-    everything committed so far is read and hashed again and compared with what the job recorded."""
-    state, ckpt = job.state, job.ckpt
+    everything committed so far (`model`'s blocks, the tensors `copy_groups` copied) is read and hashed again and
+    compared with what `state` recorded."""
     now = ckpt.identity()
     if now == state.inputs:
         return
     t, nbytes = time.perf_counter(), 0
     for i in range(state.committed):
-        _, digest = job.model.read_block(i)
-        nbytes += sum(ckpt.tensors[n].nbytes for n in job.model.block_names(i))
+        _, digest = model.read_block(i)
+        nbytes += sum(ckpt.tensors[n].nbytes for n in model.block_names(i))
         if digest != state.blocks[i].input_sha256:
-            raise StreamPruneError(f"{job.spec.model.path}: the weights of block {i} changed since this job started; "
+            raise StreamPruneError(f"{ckpt.path}: the weights of block {i} changed since this job started; "
                                    f"resuming would mix two revisions: add --restart to prune the weights now there")
     for name, group in copy_groups.items():
         meta = state.files.get(name)
@@ -46,10 +46,10 @@ def verify_inputs(job, copy_groups: dict) -> None:
                 ckpt.read(tensor, digest=digest)
                 nbytes += ckpt.tensors[tensor].nbytes
             if digest.hexdigest() != meta.get("input_sha256"):
-                raise StreamPruneError(f"{job.spec.model.path}: tensors copied into {name} changed since this job "
+                raise StreamPruneError(f"{ckpt.path}: tensors copied into {name} changed since this job "
                                        f"started; add --restart to prune the weights now there")
     state.inputs = now
-    job.obs.log(f"resume: the input files changed on disk since the job last checked them; what the committed "
+    log(f"resume: the input files changed on disk since the job last checked them; what the committed "
                 f"blocks read is unchanged (hashed {human_bytes(nbytes)} again in {time.perf_counter() - t:.1f}s)")
 
 
@@ -59,8 +59,7 @@ def _forward_seconds(state, start: int) -> float:
     return sum(times) / len(times) if times else 0.0
 
 
-def _snapshot_intact(job, snap: Snapshot) -> bool:
-    path, rank = job.jobdir.snapshot_path(snap.after_block), job.rt.dist.rank
+def _snapshot_intact(path, snap: Snapshot, rank: int, log) -> bool:
     if not path.is_file() or path.stat().st_size != snap.sizes[rank]:
         return False
     digest = hashlib.sha256()
@@ -68,17 +67,19 @@ def _snapshot_intact(job, snap: Snapshot) -> bool:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     if digest.hexdigest() != snap.sha256[rank]:
-        job.obs.log(f"resume: {path.name} is damaged (sha256 differs); its inputs are recomputed instead")
+        log(f"resume: {path.name} is damaged (sha256 differs); its inputs are recomputed instead")
         return False
     return True
 
 
-def block_inputs(job, start: int, acts) -> None:
-    """Fill `acts` (inputs and call kwargs) with what block `start` needs."""
-    state, jobdir, rt, log = job.state, job.jobdir, job.rt, job.obs.log
+def block_inputs(start: int, acts, state, jobdir, dist, capture, replay, log) -> None:
+    """Fill `acts` (inputs and call kwargs) with what block `start` needs: block 0's from `capture(batches,
+    only_kwargs)` (the model's own forward), then either this rank's snapshot in `jobdir` or `replay(first, stop,
+    acts)` (the forward through committed blocks first..stop-1 as written), whichever is cheaper."""
     snap = state.snapshot
-    usable = snap is not None and snap.after_block < start and _snapshot_intact(job, snap)
-    usable = not rt.dist.any(not usable)  # every rank needs its own file
+    usable = snap is not None and snap.after_block < start and _snapshot_intact(
+        jobdir.snapshot_path(snap.after_block), snap, dist.rank, log)
+    usable = not dist.any(not usable)  # every rank needs its own file
     if usable and start:
         fwd, size = _forward_seconds(state, start), max(snap.sizes)
         via_snapshot = size / SNAPSHOT_READ_BPS + (start - 1 - snap.after_block) * fwd
@@ -86,7 +87,7 @@ def block_inputs(job, start: int, acts) -> None:
         log(f"resume: inputs of block {start} via the snapshot after block {snap.after_block} "
             f"(est. {via_snapshot:.1f}s) or by replaying {start} blocks (est. {start * fwd:.1f}s): "
             f"{'snapshot' if usable else 'replay'}")
-    captured = job.capture(acts.batches, only_kwargs=usable)
+    captured = capture(acts.batches, only_kwargs=usable)
     acts.kwargs = captured.kwargs
     if usable:
         t = time.perf_counter()
@@ -101,21 +102,17 @@ def block_inputs(job, start: int, acts) -> None:
     del captured
     if first < start:
         t = time.perf_counter()
-        done = Checkpoint(job.spec.out, [state.blocks[i].file for i in range(first, start)])
-        for i in range(first, start):
-            block, _ = job.model.load_block(i, {n: done.read(n) for n in job.model.block_names(i)})
-            job.loop.forward_all(block, i, acts, "recompute")
-            job.model.release_block(i)
-            acts.swap()
+        replay(first, start, acts)
         log(f"resume: recomputed the inputs of block {start} through committed blocks {first}-{start - 1} "
             f"({start - first} forward passes, {time.perf_counter() - t:.1f}s)")
 
 
-def save_snapshot(job, after_block: int, store, acts) -> Snapshot:
+def save_snapshot(after_block: int, store, acts, jobdir, dist, obs) -> Snapshot:
     """This rank's sequences in `store` (the inputs of block after_block + 1), written atomically with their
-    sha256; every rank's size and hash are gathered (a collective: every rank calls it at the same point)."""
+    sha256 into `jobdir`; every rank's size and hash are gathered (a collective: every rank calls it at the same
+    point)."""
     t = time.perf_counter()
-    path = job.jobdir.snapshot_path(after_block)
+    path = jobdir.snapshot_path(after_block)
     tmp, digest, size = temporary(path), hashlib.sha256(), 0
     try:
         with open(tmp, "wb") as f:
@@ -125,11 +122,11 @@ def save_snapshot(job, after_block: int, store, acts) -> Snapshot:
                 f.write(data)
                 digest.update(data)
                 size += len(data)
-        publish(tmp, path, job.obs.event)
+        publish(tmp, path, obs.event)
     finally:
         tmp.unlink(missing_ok=True)
-    sizes, hashes = zip(*job.rt.dist.gather((size, digest.hexdigest())))
-    job.obs.add("snapshot", time.perf_counter() - t)
+    sizes, hashes = zip(*dist.gather((size, digest.hexdigest())))
+    obs.add("snapshot", time.perf_counter() - t)
     return Snapshot(after_block, list(sizes), list(hashes))
 
 
@@ -147,20 +144,20 @@ def load_snapshot(path, acts) -> None:
             store.write(a, buf.view(dtype).reshape(b - a, seqlen, hidden))
 
 
-def snapshot_after(job, i: int, acts) -> Snapshot | None:
-    """Every `--snapshot-every` blocks (not after the last) save the next block's inputs."""
-    k = job.spec.options.snapshot_every
-    if acts is None or i == job.n_blocks - 1 or not (k and (i + 1) % k == 0):
+def snapshot_after(i: int, acts, every: int, n_blocks: int, jobdir, dist, obs) -> Snapshot | None:
+    """Every `every` (--snapshot-every) blocks, not after the last, save the next block's inputs."""
+    if acts is None or i == n_blocks - 1 or not (every and (i + 1) % every == 0):
         return None
-    return save_snapshot(job, i, acts.outputs, acts)
+    return save_snapshot(i, acts.outputs, acts, jobdir, dist, obs)
 
 
-def keep_inputs_on_stop(job, acts) -> None:
-    """On a signal, keep the next block's inputs so the resume needs no recomputation."""
-    done, snap = job.state.committed, job.state.snapshot
-    if acts is None or done == 0 or done == job.n_blocks or (snap and snap.after_block == done - 1):
+def keep_inputs_on_stop(acts, state, n_blocks: int, jobdir, dist, obs) -> None:
+    """On a signal, keep the next block's inputs (recorded in `state`, saved in `jobdir`) so the resume needs no
+    recomputation."""
+    done, snap = state.committed, state.snapshot
+    if acts is None or done == 0 or done == n_blocks or (snap and snap.after_block == done - 1):
         return
-    job.state.snapshot = save_snapshot(job, done - 1, acts.inputs, acts)
-    if job.rt.dist.main:
-        job.jobdir.save(job.state, job.obs.event)
-        job.jobdir.drop_snapshots(before=done - 1)
+    state.snapshot = save_snapshot(done - 1, acts.inputs, acts, jobdir, dist, obs)
+    if dist.main:
+        jobdir.save(state, obs.event)
+        jobdir.drop_snapshots(before=done - 1)

@@ -146,7 +146,10 @@ class JobState:
 
 
 class JobDir:
-    """OUT/.streamprune: the state file, activation snapshots and the activation cache files."""
+    """The job store, OUT/.streamprune (the state file, activation snapshots, the activation cache files): a job
+    is opened (`open`: fresh, or the existing one with the same fingerprint), held (`locked`), verified (`verify`:
+    committed files against their records), committed to (`save` after `JobState.commit`), and judged complete
+    or damaged (`problems`) by the job, `status` and `resume` alike."""
 
     def __init__(self, out, rank: int = 0, world: int = 1):
         self.out = Path(out)
@@ -270,6 +273,57 @@ class JobDir:
                 _remove(entry)
             event("clear", entry.name)
 
+    def open(self, fingerprint: dict, options: dict, total_blocks: int, *, restart: bool, overwrite: bool,
+             inputs: dict, event=no_event) -> tuple[JobState, bool]:
+        """A fresh job, or the existing one when its fingerprint matches. Returns (state, resumed)."""
+        out = self.out
+        if self.exists() and (restart or overwrite):
+            self.clear_out(event)
+        elif self.exists():
+            state = self.load()
+            changes = diff(state.fingerprint, fingerprint)
+            if changes:
+                raise StreamPruneError(f"{out} holds a job with different inputs ({'; '.join(changes[:4])}); "
+                                       f"rerun with the original arguments to resume, or add --restart to discard it")
+            return state, True
+        elif self.foreign():
+            if not overwrite:
+                raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")
+            self.clear_out(event)
+        out.mkdir(parents=True, exist_ok=True)
+        state = JobState(fingerprint=fingerprint, options=options, total_blocks=total_blocks, inputs=inputs)
+        self.create(state)
+        return state, False
+
+    def verify(self, state: JobState, copy_files: list[str], log) -> int:
+        """Check the committed files against their records; a missing or altered copied shard is forgotten (it is
+        written again), a missing or altered block rolls the job back to before it. Returns the first block to compute."""
+        for name in copy_files:
+            if name in state.files and not self.file_ok(name, state.files[name]):
+                log(f"resume: {name} is missing or altered; writing it again")
+                del state.files[name]
+        n = state.committed
+        for i in range(n):
+            name = state.blocks[i].file
+            if not self.file_ok(name, state.files.get(name)):
+                log(f"resume: {name} is missing or altered; redoing from block {i}")
+                state.forget_from(i)
+                return i
+        return n
+
+    def damaged(self, state: JobState) -> list[str]:
+        """The recorded files of a job that are missing or altered (hashed again only where a file's identity moved)."""
+        return [name for name, meta in sorted(state.files.items()) if not self.file_ok(name, meta)]
+
+    def problems(self, state: JobState) -> list[str]:
+        """What keeps the job in OUT from being what its state says: its recorded files missing or altered, and for a
+        complete job its index missing (an OUT with an index is complete). The one test of "complete" that the job,
+        `status` and `resume` share."""
+        bad = self.damaged(state)
+        if state.complete and not bad and not (self.out / INDEX_NAME).is_file():
+            bad = [INDEX_NAME]
+        return bad
+
     def file_ok(self, name: str, meta: dict | None) -> bool:
         """Is the committed file `name` the one recorded? Its sha256 is recomputed only when the file's identity
         (size, mtime, inode, ctime) differs from the one recorded when it was written or last checked."""
@@ -341,48 +395,3 @@ def stored_options(spec) -> dict:
 
         options["calib_dataset"] = canonical_dataset(o.calib_dataset)
     return options
-
-
-def open_job(jobdir: JobDir, fingerprint: dict, options: dict, total_blocks: int, *, restart: bool,
-             overwrite: bool, inputs: dict, event=no_event) -> tuple[JobState, bool]:
-    """A fresh job, or the existing one when its fingerprint matches. Returns (state, resumed)."""
-    out = jobdir.out
-    if jobdir.exists() and (restart or overwrite):
-        jobdir.clear_out(event)
-    elif jobdir.exists():
-        state = jobdir.load()
-        changes = diff(state.fingerprint, fingerprint)
-        if changes:
-            raise StreamPruneError(f"{out} holds a job with different inputs ({'; '.join(changes[:4])}); "
-                                   f"rerun with the original arguments to resume, or add --restart to discard it")
-        return state, True
-    elif jobdir.foreign():
-        if not overwrite:
-            raise StreamPruneError(f"OUT {out} is not empty; choose an empty directory or add --overwrite")
-        jobdir.clear_out(event)
-    out.mkdir(parents=True, exist_ok=True)
-    state = JobState(fingerprint=fingerprint, options=options, total_blocks=total_blocks, inputs=inputs)
-    jobdir.create(state)
-    return state, False
-
-
-def verify_committed(jobdir: JobDir, state: JobState, copy_files: list[str], log) -> int:
-    """Check the committed files against their records; a missing or altered copied shard is forgotten (it is
-    written again), a missing or altered block rolls the job back to before it. Returns the first block to compute."""
-    for name in copy_files:
-        if name in state.files and not jobdir.file_ok(name, state.files[name]):
-            log(f"resume: {name} is missing or altered; writing it again")
-            del state.files[name]
-    n = state.committed
-    for i in range(n):
-        name = state.blocks[i].file
-        if not jobdir.file_ok(name, state.files.get(name)):
-            log(f"resume: {name} is missing or altered; redoing from block {i}")
-            state.forget_from(i)
-            return i
-    return n
-
-
-def damaged(jobdir: JobDir, state: JobState) -> list[str]:
-    """The recorded files of a job that are missing or altered (hashed again only where a file's identity moved)."""
-    return [name for name, meta in sorted(state.files.items()) if not jobdir.file_ok(name, meta)]
