@@ -14,13 +14,11 @@ def prune(model, out, **options) -> dict:
     """Prune the checkpoint `model` (a directory with config.json and safetensors shards, or a Hub id) into `out`,
     one decoder block at a time; resumes a job already in `out` with the same options.
 
-    Options (keyword, the CLI's without dashes; defaults as `streamprune prune --help`): `calib` (text or JSONL
-    file) or `calib_dataset`, `sparsity` (0.5), `structure` ("unstructured", "N:M" or "width"), `method` ("wanda",
-    "ria", "sparsegpt", "admm", "magnitude"), `refine` ("dsnot"), `sparsity_profile` ("uniform", "owl",
-    "owl-linear"), `nsamples`, `seqlen`, `seed`, `device`, `dtype`, `batch_size`, `activations`,
-    `gpu_memory_limit`, `expert_group`, `expert_min_tokens`, `width_multiple`, `width_compensation`, `admm_*`,
-    `restart`, `overwrite`, `progress`; the full list is `streamprune.spec.PruneOptions`. Also `observer=` (a
-    `streamprune.runtime.Observer`) or `log=` (a callable taking one line).
+    Options: keywords named as the CLI's without dashes (`calib`, `sparsity`, `structure`, `method`, `refine`,
+    `sparsity_profile`, `nsamples`, `seqlen`, `dtype`, `width_multiple`, `admm_iters`, ...), each declared once with
+    its type, default and help in `streamprune.options` and the methods' own files; the table is docs/options.md
+    (`python -m streamprune.options`). Also `observer=` (a `streamprune.runtime.Observer`) or `log=` (a callable
+    taking one line).
 
     Returns the summary (`streamprune prune --json`): blocks, achieved sparsity, phase times, peak memory.
     Raises `streamprune.errors.StreamPruneError` (one line) for every input it refuses.

@@ -137,10 +137,10 @@ def _width_lines(w: dict | None, size: dict | None) -> list[str]:
 
 def click_param(o) -> click.Option:
     """The click option of declaration `o` (options.py): its flag, type, default and help, every choice listed."""
-    from .methods import choices_of
+    from .methods import choices_of, described
 
     values = choices_of(o)
-    help = o.help + (f" [default: {o.default_text}]" if o.default_text else "")
+    help = " ".join(filter(None, (o.help, described(o)))) + (f" [default: {o.default_text}]" if o.default_text else "")
     if o.type is bool and o.flag:
         return click.Option([o.flag, o.name], flag_value=not o.default, default=o.default, help=help)
     if o.type is bool and o.default:

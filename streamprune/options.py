@@ -98,12 +98,14 @@ def for_command(command: str) -> list:
 
 def markdown_table(command: str = PRUNE) -> str:
     """docs/options.md's table of `command`'s options (tests/test_options.py holds the file to it)."""
-    from .methods import choices_of
+    from .methods import choices_of, described
 
     rows = ["| option | default | changes the output | what it does |", "|---|---|---|---|"]
     for o in for_command(command):
         values = choices_of(o)
-        what = o.help + (f" One of: {', '.join(values)}." if values else "")
+        what = " ".join(filter(None, (o.help, described(o)))) + (f" One of: {', '.join(values)}." if values and
+                                                                not described(o) else "")
+        what = what.replace("|", "\\|")  # a cell of a markdown table
         changes = "yes" if o.output else "yes (the text's hash)" if o.data else "no"
         rows.append(f"| `{o.flag or o.cli}` | {o.shown_default()} | {changes} | {what} |")
     return "\n".join(rows) + "\n"

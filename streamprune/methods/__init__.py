@@ -47,6 +47,13 @@ def choices_of(option) -> tuple:
         option.name, option.choices)
 
 
+def described(option) -> str:
+    """The registered methods' one-line summaries, for --method's help and the options table."""
+    if option.name != "method":
+        return ""
+    return "; ".join(f"{n}: {cls.summary}" if cls.summary else n for n, cls in METHODS.items()) + "."
+
+
 def _params(cls, options) -> dict:
     """`cls`'s own options from `options` (a PruneOptions), as its constructor's keywords."""
     if options is None:
@@ -72,4 +79,4 @@ def profile_named(name: str, options=None) -> Profile:
 
 __all__ = ["ADMM", "METHODS", "REFINES", "PROFILES", "Method", "Refinement", "Profile", "Pruner", "Pruned", "Structure",
            "check_prunable", "select", "method_named", "profile_named", "refinement_named", "register",
-           "declared_options", "choices_of"]
+           "declared_options", "choices_of", "described"]

@@ -50,6 +50,7 @@ SMALL_ELEMENTS = 1 << 20  # a matrix up to 4 MiB in float32 is not split (its wo
 
 class ADMM(Method):
     name = "admm"
+    summary = "ADMM weight update with gradual mask selection (the best quality, at SparseGPT's memory)"
     needs = frozenset({"hessian"})
     updates_weights = True
     options = tuple(Option(f"admm_{name}", default, help, type(default), output=True, group="admm",

@@ -125,6 +125,7 @@ class Method:
     refinable = False        # a Refinement may change its mask
     updates_weights = False  # returns a new weight, not only a mask
     options: tuple = ()      # its own options (options.Option), passed to its constructor by their `param`
+    summary = ""             # one line for --help and docs/options.md
 
     @property
     def needs_data(self) -> bool:

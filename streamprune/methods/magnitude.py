@@ -8,6 +8,7 @@ from .base import Method, Pruned, check_prunable, scaled_abs_mask
 
 class Magnitude(Method):
     name = "magnitude"
+    summary = "one |W| threshold per matrix, no calibration"
     needs = frozenset()
 
     def prune(self, weight, stats, sparsity, structure, row_chunk) -> Pruned:

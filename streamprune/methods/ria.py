@@ -42,6 +42,7 @@ BYTES_PER_ELEMENT = 17  # of a row chunk: the score's float32 temporaries beside
 
 class RIA(Method):
     name = "ria"
+    summary = "relative importance and activations"
     needs = frozenset({"sq_norm"})
     refinable = True
     alpha = 0.5

@@ -19,6 +19,7 @@ UPDATE_BYTES = 11     # per entry of W while its columns are updated (module doc
 
 class SparseGPT(Method):
     name = "sparsegpt"
+    summary = "mask and weight update from the Hessian"
     needs = frozenset({"hessian"})
     updates_weights = True
 

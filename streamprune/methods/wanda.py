@@ -9,6 +9,7 @@ from .base import Method, Pruned, scaled_abs_mask
 
 class Wanda(Method):
     name = "wanda"
+    summary = "|W| x input norm per output row, no weight update"
     needs = frozenset({"sq_norm"})
     refinable = True
 
