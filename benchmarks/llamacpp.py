@@ -71,7 +71,8 @@ def run(cmd, **kw) -> str:
 
 
 def gguf_variants(src: Path, bins: Path, model: Path, work: Path, stem: str) -> dict:
-    """F16 GGUF by llama.cpp's converter, then each quant; {quant: (path, tensors llama-quantize kept in F16)}."""
+    """F16 GGUF by llama.cpp's converter, then each quant; {quant: (path, tensors llama-quantize left in F16 for
+    their shape, tensors it stored in another fallback type)}."""
     f16 = work / f"{stem}-f16.gguf"
     env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
     run([sys.executable, src / "convert_hf_to_gguf.py", model, "--outfile", f16, "--outtype", "f16"], env=env)
@@ -79,8 +80,9 @@ def gguf_variants(src: Path, bins: Path, model: Path, work: Path, stem: str) -> 
     for q in QUANTS:
         path = work / f"{stem}-{q}.gguf"
         log = run([bins / "llama-quantize", f16, path, q, "2"])
-        fallback = len(re.findall(r"must use F16|fallback|falling back", log, flags=re.I))
-        out[q] = (path, fallback)
+        f16 = log.count("must use F16 due to unusual shape")  # llama-quant.cpp's own words
+        other = len(re.findall(r"-> falling back to", log)) - f16
+        out[q] = (path, f16, other)
     f16.unlink()
     return out
 
@@ -134,8 +136,8 @@ def main() -> None:
             entry["intermediate_size"] = cfg["intermediate_size"]
         entry["params"], entry["safetensors_bytes"] = shard_stats(d)
         entry["transformers_ppl"] = evaluate(d, WIKITEXT / "test.txt", seqlen=512, windows=20, progress=False)["ppl"]
-        for q, (gguf, fallback) in gguf_variants(src, bins, d, work, f"m{k}").items():
-            entry[q] = {"gguf_bytes": gguf.stat().st_size, "f16_fallback_tensors": fallback,
+        for q, (gguf, f16, other) in gguf_variants(src, bins, d, work, f"m{k}").items():
+            entry[q] = {"gguf_bytes": gguf.stat().st_size, "f16_fallback_tensors": f16, "other_fallback_tensors": other,
                         "llama_ppl": llama_ppl(bins, gguf), **llama_speed(bins, gguf)}
             gguf.unlink()
         print(f"{name}: {json.dumps(entry)}", flush=True)
@@ -156,7 +158,7 @@ def main() -> None:
             r = e[q]
             print(f"| {name} | {e['intermediate_size']} | {e['params'] / 1e6:.1f} M | {q} | "
                   f"{r['gguf_bytes'] / 2**20:.1f} MiB | {r['gguf_bytes'] / dense[q]['gguf_bytes']:.3f} | "
-                  f"{r['f16_fallback_tensors']} | {r['llama_ppl']:.2f} | {e['transformers_ppl']:.2f} | "
+                  f"{r['f16_fallback_tensors']} / {r['other_fallback_tensors']} | {r['llama_ppl']:.2f} | {e['transformers_ppl']:.2f} | "
                   f"{r['pp128']:.0f} | {r['tg64']:.0f} |")
 
 
