@@ -13,6 +13,7 @@ import click
 from .errors import Interrupted, PeerFailed, StreamPruneError
 from .units import human_bytes, human_count, human_seconds  # no torch at import: `run` turns collection off before the heavy imports
 
+
 def _fail(line: str, code: int, kind: str) -> None:
     """Print a failure's one line and exit; a rank started by `prune --nproc` leaves it to the launcher."""
     from .launch import report_failure

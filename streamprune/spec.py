@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: PruneOptions.check_valu
 
     from .methods import Pruner
 
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     import torch
 
